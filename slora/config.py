@@ -1,0 +1,137 @@
+"""Configuration dataclasses: the one place where every tunable of the engine is named.
+
+Everything else receives these objects instead of loose keyword arguments, so that a flag of the
+CLI, an argument of `LLM(...)` and a field here are the same thing under the same name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of a Llama-family model (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def kv_dim(self) -> int:
+        """Elements of one K (or V) vector of one token: the width of one pool row."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every LoRA-targetable linear of one decoder layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def num_parameters(self) -> int:
+        per_layer = sum(a * b for a, b in self.module_shapes().values()) + 2 * self.hidden_size
+        if self.attention_bias:
+            per_layer += self.q_dim + 2 * self.kv_dim
+        embed = self.vocab_size * self.hidden_size
+        return self.num_layers * per_layer + embed * (1 if self.tie_word_embeddings else 2) + self.hidden_size
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face `config.json` dict; refuse what the model code cannot run."""
+        model_type = hf.get("model_type", "")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {model_type!r} (architectures: {hf.get('architectures')}); "
+                f"slora supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        rope = hf.get("rope_parameters") or {}
+        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_scaling = hf.get("rope_scaling") or None
+        if rope_scaling is None and rope.get("rope_type", "default") != "default":
+            rope_scaling = dict(rope)
+        if rope_scaling is not None:
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+            if kind in ("default", None):
+                rope_scaling = None
+            elif kind not in ("llama3", "linear"):
+                raise ValueError(f"unsupported rope scaling {kind!r}; slora supports llama3 and linear")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass
+class PoolConfig:
+    """Size of the unified pool: an exact slot count, or a memory budget.
+
+    `memory` is bytes (int, or a string such as "2GiB") or a fraction of the device's free memory
+    after the weights (a float in (0, 1]). `num_slots` wins when both are given.
+    """
+
+    num_slots: int | None = None
+    memory: int | float | str | None = None
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits of one engine step."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    seed: int = 0
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,178 @@
+"""LLMEngine: add requests, abort them, and advance every running request by one step.
+
+One `step()` schedules a batch (continuous batching), runs the model once over it, samples the
+next token of every request whose sequence is complete in the pool, and reports what changed.
+Requests are validated on arrival, so that one bad prompt fails alone and never enters a batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from slora.config import EngineConfig
+from slora.engine.batch import build_forward_batch
+from slora.engine.detokenizer import IncrementalDetokenizer
+from slora.engine.request import CompletionOutput, Request, RequestOutput
+from slora.engine.sampler import SampleInput, sample
+from slora.engine.sampling_params import SamplingParams
+from slora.engine.scheduler import Scheduler
+from slora.memory.pool import UnifiedPool
+from slora.models.loader import LoadedModel, load_model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as given; the message says which input and why."""
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+@dataclass
+class _Group:
+    """The n sequences generated for one prompt."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    members: list[Request]
+    adapter: str | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        max_len = config.scheduler.max_model_len
+        self.loaded = loaded or load_model(config.model, self.device, self.dtype, max_len)
+        self.model_config = self.loaded.config
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = min(max_len or self.model_config.max_position_embeddings, self.model.rotary.cos.shape[0])
+        self.pool = UnifiedPool.create(self.model_config, config.pool, self.dtype, self.device)
+        self.scheduler = Scheduler(config.scheduler, self.pool)
+        self._groups: dict[str, _Group] = {}
+        self._ids = itertools.count()
+        torch.manual_seed(config.seed)
+
+    # --- requests --------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        self._validate_prompt(prompt_token_ids)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._groups:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        members = [self._new_request(f"{request_id}/{i}", request_id, prompt_token_ids, params, i, adapter)
+                   for i in range(params.n)]
+        self._groups[request_id] = _Group(request_id, list(prompt_token_ids), members, adapter)
+        for member in members:
+            self.scheduler.add(member)
+        return request_id
+
+    def _validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if len(prompt_token_ids) == 0:
+            raise RequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(prompt_token_ids)} tokens; the context is {self.max_model_len}, "
+                "which leaves no room for a generated token"
+            )
+        if len(prompt_token_ids) >= self.pool.num_slots:
+            raise RequestError(f"prompt has {len(prompt_token_ids)} tokens; the pool holds {self.pool.num_slots}")
+
+    def _new_request(self, request_id: str, group_id: str, prompt: list[int], params: SamplingParams,
+                     index: int, adapter: str | None) -> Request:
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params.stop, params.skip_special_tokens,
+                                                 params.include_stop_str_in_output)
+        return Request(request_id, list(prompt), params, detokenizer, generator, adapter, group_id)
+
+    def abort(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        for member in group.members if group else []:
+            if not member.is_finished:
+                self.scheduler.finish(member, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- one iteration ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        touched = {r.group_id for r in scheduled.preempted}
+        if scheduled.requests:
+            batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.model_config.head_dim, self.device)
+            logits = self.model(batch)
+            for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):
+                request.num_computed_tokens += num_new
+                touched.add(request.group_id)
+            sampled = [scheduled.requests[i] for i in sampling]
+            self._append_tokens(sampled, logits)
+        outputs = [self._output(self._groups[g]) for g in touched if g in self._groups]
+        for output in outputs:
+            if output.finished:  # reported for the last time: forget it
+                del self._groups[output.request_id]
+        return outputs
+
+    def _append_tokens(self, requests: list[Request], logits: torch.Tensor) -> None:
+        inputs = [SampleInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in requests]
+        results = sample(logits, inputs, self.model_config.eos_token_ids)
+        for request, result in zip(requests, results):
+            token = result.token_id
+            request.output_token_ids.append(token)
+            if result.top_logprobs is not None:
+                request.logprobs.append({token: result.logprob, **result.top_logprobs})
+            reason = self._finish_reason(request, token)
+            if reason is not None:
+                self.scheduler.finish(request, reason)
+
+    def _finish_reason(self, request: Request, token: int) -> str | None:
+        params = request.params
+        stops_here = token in (params.stop_token_ids or ()) or (
+            not params.ignore_eos and token in self.model_config.eos_token_ids
+        )
+        if stops_here and len(request.output_token_ids) > params.min_tokens:
+            return "stop"
+        if request.detokenizer is not None:
+            request.detokenizer.add(token)
+            if request.detokenizer.stopped:
+                return "stop"
+        if params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
+            return "length"
+        if request.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, group: _Group) -> RequestOutput:
+        outputs = []
+        for index, member in enumerate(group.members):
+            text = member.text
+            if member.is_finished and member.detokenizer is not None and not member.detokenizer.stopped:
+                text += member.detokenizer.flush()
+            logprobs = member.logprobs if member.params.logprobs is not None else None
+            outputs.append(CompletionOutput(index, text, list(member.output_token_ids), member.finish_reason,
+                                            logprobs, member.error))
+        return RequestOutput(group.request_id, group.prompt_token_ids, outputs, group.adapter)

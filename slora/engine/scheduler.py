@@ -1,0 +1,106 @@
+"""Iteration-level (continuous) batching: which requests run in the next step, and how many tokens each.
+
+Each step has a token budget (`max_num_batched_tokens`). Running requests go first, oldest first:
+a decoding request takes one token, a request still prefilling takes the next chunk of its prompt.
+When the pool has no slot left for a running request, the newest running request is preempted:
+its slots are freed and it goes back to the front of the queue, to be recomputed later (its tokens
+so far become its prompt again, so the output does not change). Waiting requests are admitted in
+arrival order while the budget, `max_num_seqs` and free slots allow, and none was preempted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from slora.config import SchedulerConfig
+from slora.engine.request import Request, RequestStatus
+from slora.memory.pool import UnifiedPool
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    def add(self, request: Request, num_tokens: int) -> None:
+        self.requests.append(request)
+        self.num_new_tokens.append(num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: UnifiedPool):
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            while self.pool.num_free < num_tokens and self.running[-1] is not request:
+                batch.preempted.append(self._preempt(self.running.pop()))
+            if self.pool.num_free < num_tokens:
+                if len(self.running) == 1 and not batch.requests:
+                    # Alone and still out of slots: the pool cannot hold this sequence any longer.
+                    self.finish(request, "length")
+                    continue
+                batch.preempted.append(self._preempt(self.running.pop()))
+                break
+            self._grant(batch, request, num_tokens)
+            budget -= num_tokens
+            index += 1
+        while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self.pool.num_free < num_tokens:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._grant(batch, request, num_tokens)
+            budget -= num_tokens
+        return batch
+
+    def _grant(self, batch: ScheduledBatch, request: Request, num_tokens: int) -> None:
+        request.slot_ids.extend(self.pool.allocate(num_tokens, "kv"))
+        batch.add(request, num_tokens)
+
+    def _preempt(self, request: Request) -> Request:
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        return request
+
+    def _release(self, request: Request) -> None:
+        self.pool.free(request.slot_ids, "kv")
+        request.slot_ids = []
+        request.num_computed_tokens = 0
+
+    def finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        """End a request (done, aborted or failed) wherever it is, and free its slots."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.error = error
