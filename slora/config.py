@@ -128,6 +128,16 @@ class SchedulerConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Adapters known at start-up and the limits on them (vLLM's --max-lora-rank, --max-cpu-loras)."""
+
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT folder
+    lora_dir: str | None = None  # every sub-folder holding an adapter_config.json is an adapter
+    max_lora_rank: int = 256
+    max_cpu_adapters: int | None = None  # packed host copies kept; the rest are re-read from disk
+
+
+@dataclass
 class EngineConfig:
     model: str | None = None
     device: str = "cpu"
@@ -135,3 +145,4 @@ class EngineConfig:
     seed: int = 0
     pool: PoolConfig = field(default_factory=PoolConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.reference.hf import make_tiny_model
+
+# Test shapes are tiny: one intra-op thread is faster than handing each small op to two, and keeps
+# the suite's time steady when the machine is busy with something else.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 from slora.engine.scheduler import ScheduledBatch
-from slora.kernels.metadata import AttentionMetadata, ForwardBatch, LoRADelta
+from slora.kernels.lora import AdapterTokens, TorchLoRA
+from slora.kernels.metadata import AttentionMetadata, ForwardBatch
+from slora.lora.residency import AdapterResidency
 
 
 def build_forward_batch(
@@ -16,7 +18,7 @@ def build_forward_batch(
     kv_cache: list[torch.Tensor],
     head_dim: int,
     device: torch.device,
-    lora: LoRADelta | None = None,
+    residency: AdapterResidency | None = None,
 ) -> tuple[ForwardBatch, list[int]]:
     """Returns the batch and the positions in `scheduled.requests` of the requests that sample."""
     input_ids: list[int] = []
@@ -26,10 +28,13 @@ def build_forward_batch(
     context_slots: list[torch.Tensor] = []
     logits_indices: list[int] = []
     sampling: list[int] = []
+    adapter_tokens: dict[str, list[int]] = {}
     for i, (request, num_new) in enumerate(zip(scheduled.requests, scheduled.num_new_tokens)):
         start = request.num_computed_tokens
         end = start + num_new
         query_starts.append(len(input_ids))
+        if request.adapter is not None:
+            adapter_tokens.setdefault(request.adapter, []).extend(range(len(input_ids), len(input_ids) + num_new))
         input_ids.extend(request.token_ids_between(start, end))
         positions.extend(range(start, end))
         slot_mapping.extend(request.slot_ids[start:end])
@@ -51,6 +56,15 @@ def build_forward_batch(
         logits_indices=as_tensor(logits_indices),
         attention=attention,
         kv_cache=kv_cache,
-        lora=lora,
+        lora=_lora_op(adapter_tokens, kv_cache, residency, device),
     )
     return batch, sampling
+
+
+def _lora_op(adapter_tokens: dict[str, list[int]], kv_cache: list[torch.Tensor],
+             residency: AdapterResidency | None, device: torch.device) -> TorchLoRA | None:
+    if not adapter_tokens:
+        return None
+    groups = [AdapterTokens(residency.get(name), torch.tensor(tokens, dtype=torch.int64, device=device))
+              for name, tokens in adapter_tokens.items()]
+    return TorchLoRA(kv_cache, groups)

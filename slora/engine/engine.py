@@ -19,8 +19,13 @@ from slora.engine.request import CompletionOutput, Request, RequestOutput
 from slora.engine.sampler import SampleInput, sample
 from slora.engine.sampling_params import SamplingParams
 from slora.engine.scheduler import Scheduler
+from slora.lora.registry import AdapterRegistry, UnknownAdapterError
+from slora.lora.residency import AdapterResidency
+from slora.lora.store import HostStore
 from slora.memory.pool import UnifiedPool
 from slora.models.loader import LoadedModel, load_model
+
+__all__ = ["LLMEngine", "RequestError", "UnknownAdapterError", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,7 +64,14 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(max_len or self.model_config.max_position_embeddings, self.model.rotary.cos.shape[0])
         self.pool = UnifiedPool.create(self.model_config, config.pool, self.dtype, self.device)
-        self.scheduler = Scheduler(config.scheduler, self.pool)
+        self.registry = AdapterRegistry(self.model_config, config.lora.max_lora_rank)
+        store = HostStore(self.model_config, self.dtype, self.device.type == "cuda", config.lora.max_cpu_adapters)
+        self.residency = AdapterResidency(self.registry, store, self.pool)
+        self.scheduler = Scheduler(config.scheduler, self.pool, self.residency)
+        for name, path in config.lora.adapters.items():
+            self.registry.add(name, path)
+        if config.lora.lora_dir:
+            self.registry.add_folder(config.lora.lora_dir)
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
         torch.manual_seed(config.seed)
@@ -73,7 +85,7 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> str:
         params = params or SamplingParams()
-        self._validate_prompt(prompt_token_ids)
+        self._validate_prompt(prompt_token_ids, adapter)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._groups:
             raise RequestError(f"request_id {request_id!r} is already in use")
@@ -84,7 +96,7 @@ class LLMEngine:
             self.scheduler.add(member)
         return request_id
 
-    def _validate_prompt(self, prompt_token_ids: list[int]) -> None:
+    def _validate_prompt(self, prompt_token_ids: list[int], adapter: str | None) -> None:
         if len(prompt_token_ids) == 0:
             raise RequestError("prompt is empty")
         vocab = self.model_config.vocab_size
@@ -96,8 +108,10 @@ class LLMEngine:
                 f"prompt has {len(prompt_token_ids)} tokens; the context is {self.max_model_len}, "
                 "which leaves no room for a generated token"
             )
-        if len(prompt_token_ids) >= self.pool.num_slots:
-            raise RequestError(f"prompt has {len(prompt_token_ids)} tokens; the pool holds {self.pool.num_slots}")
+        adapter_slots = self.residency.slots_needed(adapter) if adapter is not None else 0  # raises if unknown
+        if len(prompt_token_ids) + adapter_slots >= self.pool.num_slots:
+            raise RequestError(f"prompt has {len(prompt_token_ids)} tokens and its adapter takes {adapter_slots} "
+                               f"slots; the pool holds {self.pool.num_slots}")
 
     def _new_request(self, request_id: str, group_id: str, prompt: list[int], params: SamplingParams,
                      index: int, adapter: str | None) -> Request:
@@ -109,6 +123,34 @@ class LLMEngine:
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params.stop, params.skip_special_tokens,
                                                  params.include_stop_str_in_output)
         return Request(request_id, list(prompt), params, detokenizer, generator, adapter, group_id)
+
+    # --- adapters --------------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> None:
+        """Register a PEFT adapter folder; raises AdapterError (naming file and problem) if it is bad."""
+        self.registry.add(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget an adapter and free its copies; refused while a request still uses it."""
+        self.registry.get(name)
+        users = [g.request_id for g in self._groups.values() if g.adapter == name]
+        if users:
+            raise ValueError(f"adapter {name!r} is in use by {len(users)} unfinished request(s)")
+        self.residency.forget(name)
+        self.registry.remove(name)
+
+    def list_adapters(self) -> list[str]:
+        return self.registry.names()
+
+    def lora_stats(self) -> dict[str, int]:
+        pool = self.pool.stats()
+        return {
+            "registered": len(self.registry), "resident": len(self.residency.resident_names()),
+            "host_cached": len(self.residency.store), "loads": self.residency.stats.loads,
+            "evictions": self.residency.stats.evictions, "hits": self.residency.stats.hits,
+            "disk_loads": self.residency.store.stats.disk_loads,
+            "host_evictions": self.residency.store.stats.host_evictions,
+            "adapter_slots": pool.adapter_slots, "kv_slots": pool.kv_slots,
+        }
 
     def abort(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
@@ -124,7 +166,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         touched = {r.group_id for r in scheduled.preempted}
         if scheduled.requests:
-            batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.model_config.head_dim, self.device)
+            batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.model_config.head_dim,
+                                                  self.device, self.residency)
             logits = self.model(batch)
             for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):
                 request.num_computed_tokens += num_new

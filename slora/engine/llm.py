@@ -11,8 +11,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from slora.config import EngineConfig, PoolConfig, SchedulerConfig
-from slora.engine.engine import LLMEngine, RequestError
+from slora.config import EngineConfig, LoRAConfig, PoolConfig, SchedulerConfig
+from slora.engine.engine import LLMEngine, RequestError, UnknownAdapterError
 from slora.engine.request import CompletionOutput, RequestOutput
 from slora.engine.sampling_params import SamplingParams
 
@@ -32,14 +32,25 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
         seed: int = 0,
+        adapters: dict[str, str] | None = None,
+        lora_dir: str | None = None,
+        max_lora_rank: int = 256,
+        max_cpu_adapters: int | None = None,
     ):
         config = EngineConfig(
             model=model, device=device, dtype=dtype, seed=seed,
             pool=PoolConfig(num_slots=num_slots, memory=pool_memory),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+            lora=LoRAConfig(dict(adapters or {}), lora_dir, max_lora_rank, max_cpu_adapters),
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
+
+    def add_adapter(self, name: str, path: str) -> None:
+        self.engine.add_adapter(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        self.engine.remove_adapter(name)
 
     def generate(
         self,
@@ -58,7 +69,7 @@ class LLM:
             order.append(request_id)
             try:
                 self.engine.add_request(self._encode(prompt), p, adapter, request_id)
-            except RequestError as error:
+            except (RequestError, UnknownAdapterError) as error:
                 results[request_id] = _failed(request_id, prompt, str(error), adapter)
         with tqdm(total=len(prompts), disable=not use_tqdm, desc="generate") as progress:
             while self.engine.has_unfinished():

@@ -37,6 +37,7 @@ class Request:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     slot_ids: list[int] = field(default_factory=list)  # pool slots holding this sequence's K/V, in order
     num_computed_tokens: int = 0  # tokens whose K/V are in `slot_ids`
+    holds_adapter: bool = False  # a reference on its adapter's pool residency, while running
     finish_reason: str | None = None
     error: str | None = None
     num_preemptions: int = 0

@@ -6,6 +6,11 @@ When the pool has no slot left for a running request, the newest running request
 its slots are freed and it goes back to the front of the queue, to be recomputed later (its tokens
 so far become its prompt again, so the output does not change). Waiting requests are admitted in
 arrival order while the budget, `max_num_seqs` and free slots allow, and none was preempted.
+
+Adapters share the pool: admitting a request whose adapter is not resident also costs that
+adapter's slots. Idle adapters (no running request) are evicted, least recently used first,
+before any request is preempted; a running request's adapter is never evicted. Admission is in
+arrival order, so no adapter's requests can starve behind others.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 
 from slora.config import SchedulerConfig
 from slora.engine.request import Request, RequestStatus
+from slora.lora.residency import AdapterResidency
 from slora.memory.pool import UnifiedPool
 
 
@@ -33,9 +39,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: UnifiedPool):
+    def __init__(self, config: SchedulerConfig, pool: UnifiedPool, residency: AdapterResidency | None = None):
         self.config = config
         self.pool = pool
+        self.residency = residency
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -53,9 +60,9 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            while self.pool.num_free < num_tokens and self.running[-1] is not request:
+            while not self._make_room(num_tokens) and self.running[-1] is not request:
                 batch.preempted.append(self._preempt(self.running.pop()))
-            if self.pool.num_free < num_tokens:
+            if not self._make_room(num_tokens):
                 if len(self.running) == 1 and not batch.requests:
                     # Alone and still out of slots: the pool cannot hold this sequence any longer.
                     self.finish(request, "length")
@@ -68,14 +75,24 @@ class Scheduler:
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self.pool.num_free < num_tokens:
+            adapter_slots = self.residency.slots_needed(request.adapter) if request.adapter else 0
+            if not self._make_room(num_tokens + adapter_slots, keep=request.adapter):
                 break
             self.waiting.popleft()
+            if request.adapter:
+                self.residency.acquire(request.adapter)
+                request.holds_adapter = True
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._grant(batch, request, num_tokens)
             budget -= num_tokens
         return batch
+
+    def _make_room(self, num_slots: int, keep: str | None = None) -> bool:
+        """True when `num_slots` are free, after evicting idle adapters if that is what it takes."""
+        if self.pool.num_free >= num_slots:
+            return True
+        return self.residency is not None and self.residency.make_room(num_slots, keep)
 
     def _grant(self, batch: ScheduledBatch, request: Request, num_tokens: int) -> None:
         request.slot_ids.extend(self.pool.allocate(num_tokens, "kv"))
@@ -93,6 +110,9 @@ class Scheduler:
         self.pool.free(request.slot_ids, "kv")
         request.slot_ids = []
         request.num_computed_tokens = 0
+        if request.holds_adapter:
+            self.residency.release(request.adapter)
+            request.holds_adapter = False
 
     def finish(self, request: Request, reason: str, error: str | None = None) -> None:
         """End a request (done, aborted or failed) wherever it is, and free its slots."""

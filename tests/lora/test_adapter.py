@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slora.lora.adapter import AdapterError, load_adapter_weights, read_adapter
-from tests.lora.conftest import make_peft_adapter, make_peft_model, make_tiny_llama, model_config_of
+from tests.reference.peft import make_peft_adapter, make_peft_model, make_tiny_llama, model_config_of
 
 PEFT_MODULE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)$")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
