@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from slora.engine.sampling_params import SamplingParams
@@ -52,6 +54,52 @@ def _generate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from slora.config import EngineConfig, LoRAConfig, PoolConfig, SchedulerConfig
+    from slora.server.app import ServerOptions, build_app
+
+    adapters = {}
+    for item in args.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            print(f"error: --lora takes NAME=PATH, got {item!r}", file=sys.stderr)
+            return 2
+        adapters[name] = path
+    kwargs = _engine_kwargs(args)
+    config = EngineConfig(
+        model=kwargs["model"], device=kwargs["device"], dtype=kwargs["dtype"], seed=args.seed,
+        pool=PoolConfig(num_slots=kwargs["num_slots"], memory=kwargs["pool_memory"]),
+        scheduler=SchedulerConfig(kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"], kwargs["max_model_len"]),
+        lora=LoRAConfig(adapters, args.lora_dir, args.max_lora_rank, args.max_cpu_adapters),
+    )
+    options = ServerOptions(served_model_name=args.served_model_name, api_key=args.api_key,
+                            adapter_root=args.adapter_root, max_queue=args.max_queue)
+    try:
+        app = build_app(config, options)
+    except ValueError as error:  # a model or adapter that cannot be loaded: the message names it
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    server = app.state.server
+    adapters_now = list(server.engine.snapshot.adapters)
+    _print_examples(f"http://{args.host}:{args.port}/v1", server.model_name, adapters_now, bool(args.api_key))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _print_examples(url: str, model: str, adapters: list[str], with_key: bool) -> None:
+    auth = ' -H "Authorization: Bearer $SLORA_API_KEY"' if with_key else ""
+    key = "$SLORA_API_KEY" if with_key else "none"
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    code = (f"from openai import OpenAI; c = OpenAI(base_url='{url}', api_key='{key}'); "
+            f"print(c.completions.create(model='{adapters[0] if adapters else model}', "
+            "prompt='Once upon a time', max_tokens=32).choices[0].text)")
+    print(f"slora: serving {model} with {len(adapters)} adapters at {url}")
+    print(f"  curl {url}/chat/completions{auth} -H 'Content-Type: application/json' -d '{body}'")
+    print(f'  python -c "{code}"', flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slora", description="Serve one LLM with thousands of LoRA adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("prompts", nargs="+", metavar="PROMPT")
     generate.set_defaults(run=_generate)
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _add_engine_options(serve)
+    serve.add_argument("--served-model-name", default=None,
+                       help="the base model's name in the API (default: its folder name)")
+    serve.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                       help="an adapter to serve (repeatable)")
+    serve.add_argument("--lora-dir", default=None, help="serve every adapter folder inside DIR, named after its folder")
+    serve.add_argument("--max-lora-rank", type=int, default=256)
+    serve.add_argument("--max-cpu-adapters", type=int, default=None, help="adapters kept packed in host memory")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("SLORA_API_KEY") or None,
+                       help="required bearer key on /v1/* (default: $SLORA_API_KEY)")
+    serve.add_argument("--adapter-root", default=None, help="allow run-time adapter loading from inside DIR only")
+    serve.add_argument("--max-queue", type=int, default=None,
+                       help="sequences that may wait beyond --max-num-seqs; more get 503 + Retry-After")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=_serve)
     return parser
 
 

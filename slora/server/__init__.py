@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: `build_app(engine_or_config, ServerOptions(...))` (see app.py)."""
