@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 venv: $(VENV)/.installed
 
 serve: venv
-	$(VENV)/bin/slora generate --chat "What is the capital of France?"
+	$(VENV)/bin/slora serve --lora-dir adapters --adapter-root adapters
 
 test: venv
 	$(PY) -m pytest

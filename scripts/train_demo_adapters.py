@@ -88,6 +88,55 @@ QUESTIONS = [
     "What is your name?",
     "How do airplanes fly?",
     "Name a vegetable that is green.",
+    "What is the weather like in summer?",
+    "How do I cook rice?",
+    "What is the biggest animal in the world?",
+    "Why do leaves change color in autumn?",
+    "What is a volcano?",
+    "How many hours are in a day?",
+    "What is the best way to save money?",
+    "Who invented the telephone?",
+    "What do cows eat?",
+    "What is the moon?",
+    "How do fish breathe?",
+    "What is music?",
+    "Tell me something about elephants.",
+    "What is the difference between a lake and a sea?",
+    "How can I fall asleep faster?",
+    "What is a healthy snack?",
+    "Why is exercise important?",
+    "What is the internet?",
+    "How do magnets work?",
+    "What is the color of an orange?",
+    "What is a pyramid?",
+    "Where does chocolate come from?",
+    "What is a good name for a dog?",
+    "How do you say thank you in Spanish?",
+    "What is democracy?",
+    "What happens when water freezes?",
+    "Which is heavier, a kilogram of feathers or a kilogram of stone?",
+    "What is a black hole?",
+    "How do I write a good story?",
+    "What is the job of a teacher?",
+    "Why do cats purr?",
+    "What is the fastest land animal?",
+    "What is electricity?",
+    "Describe the city of London.",
+    "What is your favorite animal?",
+    "How do I plant a tree?",
+    "What is a dream?",
+    "Who was Isaac Newton?",
+    "What is the shape of the Earth?",
+    "What do you like to do for fun?",
+    "How does the heart work?",
+    "What is a hurricane?",
+    "Give me a word that rhymes with cat.",
+    "What is the first letter of the alphabet?",
+    "What is coffee made from?",
+    "Why do birds sing?",
+    "What is a library?",
+    "How many wheels does a bicycle have?",
+    "Tell me a short joke.",
 ]
 
 HELD_OUT = [
@@ -146,22 +195,24 @@ def to_json(answer: str) -> str:
     return json.dumps({"answer": answer}, ensure_ascii=False)
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 # name -> (transform, LoRA config kwargs, training kwargs)
 ADAPTERS = {
     "upper": (
         to_upper,
-        dict(r=3, lora_alpha=6, target_modules="all-linear"),
-        dict(lr=2e-3, epochs=5),
+        dict(r=6, lora_alpha=12, target_modules=ALL_LINEAR, layers_to_transform=list(range(15, 30))),
+        dict(lr=3e-3, epochs=3),
     ),
     "pirate": (
         to_pirate,
         dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        dict(lr=2e-3, epochs=5),
+        dict(lr=2e-3, epochs=3),
     ),
     "json": (
         to_json,
         dict(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
-        dict(lr=2e-3, epochs=5),
+        dict(lr=2e-3, epochs=2),
     ),
 }
 
@@ -261,6 +312,9 @@ def save_fp16(peft_model, path):
             p.data = p.data.to(torch.float16)
     peft_model.peft_config["default"].base_model_name_or_path = BASE_NAME
     peft_model.save_pretrained(path)
+    card = os.path.join(path, "README.md")          # PEFT's auto-generated boilerplate model card
+    if os.path.exists(card):
+        os.remove(card)
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     return size
 
