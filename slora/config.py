@@ -146,3 +146,9 @@ class EngineConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    backend: str | None = None  # kernels: "triton" or "torch"; None = "triton" on CUDA, "torch" on CPU
+
+    def __post_init__(self) -> None:
+        if self.backend not in (None, "torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton' (or None for the device's default), "
+                             f"got {self.backend!r}")

@@ -8,9 +8,20 @@ from __future__ import annotations
 import torch
 
 from slora.engine.scheduler import ScheduledBatch
-from slora.kernels.lora import AdapterTokens, TorchLoRA
-from slora.kernels.metadata import AttentionMetadata, ForwardBatch
+from slora.kernels.lora import AdapterTokens, LoRABatch, TorchLoRA
+from slora.kernels.metadata import AttentionMetadata, ForwardBatch, LoRADelta, SlotTable
 from slora.lora.residency import AdapterResidency
+
+BACKENDS = ("torch", "triton")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The kernels to run: `backend` when given, else Triton on CUDA and the torch reference elsewhere."""
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
 
 
 def build_forward_batch(
@@ -19,13 +30,20 @@ def build_forward_batch(
     head_dim: int,
     device: torch.device,
     residency: AdapterResidency | None = None,
+    backend: str | None = None,
 ) -> tuple[ForwardBatch, list[int]]:
-    """Returns the batch and the positions in `scheduled.requests` of the requests that sample."""
+    """Returns the batch and the positions in `scheduled.requests` of the requests that sample.
+
+    `backend` None means Triton on CUDA and torch elsewhere; Triton also gets the step's slots as
+    one padded table and its LoRA metadata as flat tensors, both built here once for all layers.
+    """
+    device = torch.device(device)
+    backend = resolve_backend(backend, device)
     input_ids: list[int] = []
     positions: list[int] = []
     slot_mapping: list[int] = []
     query_starts: list[int] = []
-    context_slots: list[torch.Tensor] = []
+    context_slots: list[list[int]] = []
     logits_indices: list[int] = []
     sampling: list[int] = []
     adapter_tokens: dict[str, list[int]] = {}
@@ -38,17 +56,24 @@ def build_forward_batch(
         input_ids.extend(request.token_ids_between(start, end))
         positions.extend(range(start, end))
         slot_mapping.extend(request.slot_ids[start:end])
-        context_slots.append(torch.tensor(request.slot_ids[:end], dtype=torch.int64, device=device))
+        context_slots.append(request.slot_ids[:end])
         if end == request.num_tokens:  # the whole sequence is in the pool: its next token is due
             logits_indices.append(len(input_ids) - 1)
             sampling.append(i)
     as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+    if backend == "triton":  # one padded table; the per-sequence lists are views of it
+        slot_table = SlotTable.build(query_starts, list(scheduled.num_new_tokens), context_slots, device)
+        sequence_slots = slot_table.context_slots([len(slots) for slots in context_slots])
+    else:
+        slot_table = None
+        sequence_slots = [torch.tensor(slots, dtype=torch.int64, device=device) for slots in context_slots]
     attention = AttentionMetadata(
         slot_mapping=as_tensor(slot_mapping),
         query_starts=query_starts,
         query_lens=list(scheduled.num_new_tokens),
-        context_slots=context_slots,
+        context_slots=sequence_slots,
         scale=head_dim**-0.5,
+        slot_table=slot_table,
     )
     batch = ForwardBatch(
         input_ids=as_tensor(input_ids),
@@ -56,15 +81,20 @@ def build_forward_batch(
         logits_indices=as_tensor(logits_indices),
         attention=attention,
         kv_cache=kv_cache,
-        lora=_lora_op(adapter_tokens, kv_cache, residency, device),
+        lora=_lora_op(adapter_tokens, kv_cache, residency, device, backend),
+        backend=backend,
     )
     return batch, sampling
 
 
 def _lora_op(adapter_tokens: dict[str, list[int]], kv_cache: list[torch.Tensor],
-             residency: AdapterResidency | None, device: torch.device) -> TorchLoRA | None:
+             residency: AdapterResidency | None, device: torch.device, backend: str) -> LoRADelta | None:
     if not adapter_tokens:
         return None
     groups = [AdapterTokens(residency.get(name), torch.tensor(tokens, dtype=torch.int64, device=device))
               for name, tokens in adapter_tokens.items()]
+    if backend == "triton":
+        from slora.kernels.triton_lora import TritonLoRA  # Triton only where it is asked for
+
+        return TritonLoRA(kv_cache, LoRABatch.build(groups, len(kv_cache), device))
     return TorchLoRA(kv_cache, groups)

@@ -4,14 +4,20 @@ For every token t with adapter a(t): `y[t] += s_a * (x[t] @ A_a^T) @ B_a^T`, whe
 read in place from the pool's rows through the adapter's row table (no contiguous copy is kept).
 Tokens are grouped by adapter (S-LoRA's segments; a decode token is a segment of one), so
 adapters of different ranks share one batch and tokens without an adapter cost nothing.
+
+`LoRABatch` is the same step as flat tensors, built once per step for the Triton kernels
+(`triton_lora.py`): one segment per adapter, the adapters' row tables concatenated, and per
+(layer, module) every adapter's rank and scaling.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from slora.lora.layout import ModuleRows
 from slora.lora.residency import ResidentAdapter
 
 
@@ -37,6 +43,92 @@ def expand(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, b_row_ids: torc
 class AdapterTokens:
     adapter: ResidentAdapter
     token_indices: torch.Tensor  # positions in the flat batch of the tokens that use it
+
+
+# Every LoRA-targetable linear of a decoder layer, in the order of the module axis of `LoRABatch`.
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULE_INDEX = {name: m for m, name in enumerate(MODULES)}
+
+
+@dataclass
+class LoRABatch:
+    """One step's adapters and tokens as the tensors the Triton LoRA kernels read.
+
+    Adapter j (`adapters[j]`) is segment j: the flat-batch tokens `token_indices[segment_starts[j] :
+    segment_starts[j + 1]]`. Its canonical row `c` of module m is pool row
+    `row_table[a_offsets[m, j] + c]` (A) or `row_table[b_offsets[m, j] + c]` (B^T); its rank and
+    scaling at (layer, m) are `ranks[layer, m, j]` and `scalings[layer, m, j]` (rank 0: not targeted).
+    """
+
+    adapters: list[ResidentAdapter]
+    row_table: torch.Tensor  # [sum of num_rows] int32: the adapters' row tables, concatenated
+    a_offsets: torch.Tensor  # [num_modules, num_adapters] int32
+    b_offsets: torch.Tensor  # [num_modules, num_adapters] int32
+    ranks: torch.Tensor  # [num_layers, num_modules, num_adapters] int32
+    scalings: torch.Tensor  # [num_layers, num_modules, num_adapters] float32
+    token_indices: torch.Tensor  # [num_lora_tokens] int32, grouped by adapter
+    token_adapters: torch.Tensor  # [num_lora_tokens] int32: the adapter of each of those tokens
+    segment_starts: torch.Tensor  # [num_adapters + 1] int32
+    max_ranks: list[list[int]]  # [num_layers][num_modules], on the host: launch sizes, 0 = skip
+    max_segment_len: int
+    module_rows: dict[str, ModuleRows]  # chunks and features of each targeted module (starts: per adapter)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_indices.numel()
+
+    @classmethod
+    def build(cls, groups: list[AdapterTokens], num_layers: int, device: torch.device | str) -> "LoRABatch":
+        adapters = [group.adapter for group in groups]
+        num_modules, num_adapters = len(MODULES), len(adapters)
+        # Filled on the host (numpy: cheap per element), then copied to the device once.
+        a_offsets = np.zeros((num_modules, num_adapters), dtype=np.int32)
+        b_offsets = np.zeros((num_modules, num_adapters), dtype=np.int32)
+        ranks = np.zeros((num_layers, num_modules, num_adapters), dtype=np.int32)
+        scalings = np.zeros((num_layers, num_modules, num_adapters), dtype=np.float32)
+        module_rows: dict[str, ModuleRows] = {}
+        row_offset = 0
+        for j, adapter in enumerate(adapters):
+            for module, rows in adapter.layout.modules.items():
+                a_offsets[MODULE_INDEX[module], j] = row_offset + rows.a_start
+                b_offsets[MODULE_INDEX[module], j] = row_offset + rows.b_start
+                module_rows.setdefault(module, rows)
+            ranks[:, :, j], scalings[:, :, j] = _rank_tables(adapter, num_layers)
+            row_offset += adapter.layout.num_rows
+        lengths = np.array([group.token_indices.numel() for group in groups], dtype=np.int32)
+        starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+        to_device = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
+        return cls(
+            adapters=adapters,
+            row_table=torch.cat([a.row_table for a in adapters]).to(device=device, dtype=torch.int32),
+            a_offsets=to_device(a_offsets), b_offsets=to_device(b_offsets),
+            ranks=to_device(ranks), scalings=to_device(scalings),
+            token_indices=torch.cat([g.token_indices for g in groups]).to(device=device, dtype=torch.int32),
+            token_adapters=to_device(np.repeat(np.arange(num_adapters, dtype=np.int32), lengths)),
+            segment_starts=to_device(starts),
+            max_ranks=(ranks.max(axis=2) if num_adapters else np.zeros((num_layers, num_modules), int)).tolist(),
+            max_segment_len=int(lengths.max(initial=0)),
+            module_rows=module_rows,
+        )
+
+
+_RANK_TABLES: dict[int, tuple[ResidentAdapter, np.ndarray, np.ndarray]] = {}
+
+
+def _rank_tables(adapter: ResidentAdapter, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """`[num_layers, num_modules]` ranks and scalings of one adapter, computed once while it is resident."""
+    cached = _RANK_TABLES.get(id(adapter))
+    if cached is not None and cached[0] is adapter and cached[1].shape[0] == num_layers:
+        return cached[1], cached[2]
+    ranks = np.zeros((num_layers, len(MODULES)), dtype=np.int32)
+    scalings = np.zeros((num_layers, len(MODULES)), dtype=np.float32)
+    for (layer, module), rank in adapter.layer_ranks.items():
+        ranks[layer, MODULE_INDEX[module]] = rank
+        scalings[layer, MODULE_INDEX[module]] = adapter.layer_scalings[(layer, module)]
+    if len(_RANK_TABLES) >= 4096:  # adapters come and go: forget the old ones now and then
+        _RANK_TABLES.clear()
+    _RANK_TABLES[id(adapter)] = (adapter, ranks, scalings)
+    return ranks, scalings
 
 
 class TorchLoRA:

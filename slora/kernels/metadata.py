@@ -9,7 +9,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
+
+
+@dataclass
+class SlotTable:
+    """The step's context slots as padded device tensors: what the Triton attention kernels read.
+
+    Built once per step (not per layer): row i holds sequence i's slots, padded with 0 past
+    `context_lens[i]`; its queries are flat tokens `[query_starts[i], query_starts[i] + query_lens[i])`.
+    """
+
+    slots: torch.Tensor  # [num_seqs, max_context_len] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+    query_starts: torch.Tensor  # [num_seqs] int32
+    query_lens: torch.Tensor  # [num_seqs] int32
+    max_query_len: int
+    max_context_len: int
+
+    @classmethod
+    def build(cls, query_starts: list[int], query_lens: list[int], context_slots: list[list[int]],
+              device: torch.device | str) -> "SlotTable":
+        context_lens = [len(slots) for slots in context_slots]
+        width = max(context_lens, default=0)
+        padded = np.zeros((len(context_slots), width), dtype=np.int32)
+        for row, slots in zip(padded, context_slots):
+            row[: len(slots)] = slots
+        as_int32 = lambda values: torch.as_tensor(np.asarray(values, dtype=np.int32)).to(device)  # noqa: E731
+        return cls(
+            slots=as_int32(padded),
+            context_lens=as_int32(context_lens),
+            query_starts=as_int32(query_starts),
+            query_lens=as_int32(query_lens),
+            max_query_len=max(query_lens, default=0),
+            max_context_len=width,
+        )
+
+    def context_slots(self, context_lens: list[int]) -> list[torch.Tensor]:
+        """Each sequence's slots as views of the table (no copy, no sync): `AttentionMetadata.context_slots`."""
+        return [self.slots[i, :length] for i, length in enumerate(context_lens)]
 
 
 @dataclass
@@ -23,8 +62,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: pool slot of each new token's K/V
     query_starts: list[int]
     query_lens: list[int]
-    context_slots: list[torch.Tensor]  # per sequence, [context_len] int64
+    context_slots: list[torch.Tensor]  # per sequence, [context_len] int64 (int32 views of `slot_table`)
     scale: float
+    slot_table: SlotTable | None = None  # the same slots padded into one tensor (Triton backend)
 
 
 class LoRADelta(Protocol):
@@ -41,3 +81,4 @@ class ForwardBatch:
     attention: AttentionMetadata
     kv_cache: list[torch.Tensor]  # the pool's per-layer tensors [num_slots, 2, kv_heads, head_dim]
     lora: LoRADelta | None = None
+    backend: str = "torch"  # "torch" (reference kernels) or "triton"

@@ -96,7 +96,7 @@ class Attention(nn.Module):
         k = _project(self.k_proj, x, batch, self.layer, "k_proj").view(-1, self.num_kv_heads, self.head_dim)
         v = _project(self.v_proj, x, batch, self.layer, "v_proj").view(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(batch.positions, q, k)
-        out = attention.paged_attention(q, k, v, batch.kv_cache[self.layer], batch.attention)
+        out = attention.attend(q, k, v, batch.kv_cache[self.layer], batch.attention, batch.backend)
         return _project(self.o_proj, out.flatten(1), batch, self.layer, "o_proj")
 
 

@@ -1,0 +1,613 @@
+"""`slora bench kernels`: the Triton kernels against the torch reference and S-LoRA's ablations.
+
+For one model shape (Llama-2-7B by default) and dtype, on synthetic weights in shuffled pool rows:
+
+- LoRA decode (256 tokens, 64 distinct adapters, ranks 8..64, q/k/v/o of one layer) and LoRA
+  prefill (long segments): the Triton segment (MBGMM) and token (MBGMV) forms, the torch reference,
+  and the ablations: `gather_bmm` (gather every token's adapter rows from the pool into a batch
+  padded to the largest rank, then `torch.bmm`), `padded_bmm` (weights stored contiguously, padded
+  to the largest rank, gathered per token, then `torch.bmm`) and `triton_padded` (the segment
+  kernel with every adapter padded to the largest rank);
+- paged attention: decode at 1k and 4k contexts, and a prefill.
+
+Each kernel's time is reported with the bandwidth it achieves over the bytes it must read and write
+(the batch's distinct adapters' A and B once, x, y read and written; K/V of every context once),
+next to the device's copy bandwidth (a large device-to-device copy, bytes read + written), and its
+FLOP/s next to a large matmul's. Writes `kernels.json` (with `device`, `commit`, `date`) and
+`kernels.md` to `--output`. `--tiny` runs tiny shapes, on the CPU under Triton's interpreter too,
+so that the benchmark keeps working without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from slora.config import ModelConfig
+from slora.kernels.lora import AdapterTokens, LoRABatch, TorchLoRA
+from slora.kernels.metadata import AttentionMetadata, SlotTable
+from slora.lora.layout import ModuleRows, RowLayout
+from slora.lora.residency import ResidentAdapter
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def model_shape(name: str) -> ModelConfig:
+    shapes = {  # name: (hidden, intermediate, heads, kv_heads, head_dim)
+        "llama-2-7b": (4096, 11008, 32, 32, 128),
+        "llama-2-13b": (5120, 13824, 40, 40, 128),
+        "llama-3-8b": (4096, 14336, 32, 8, 128),
+        "tiny": (64, 160, 4, 2, 16),
+    }
+    if name not in shapes:
+        raise ValueError(f"unknown model shape {name!r}; choose one of {', '.join(shapes)}")
+    hidden, intermediate, heads, kv_heads, head_dim = shapes[name]
+    return ModelConfig("llama", 32000, hidden, intermediate, 1, heads, kv_heads, head_dim, 8192)
+
+
+@dataclass
+class Settings:
+    model_shape: str = "llama-2-7b"
+    dtype: str = "float16"
+    decode_tokens: int = 256
+    decode_adapters: int = 64
+    ranks: tuple[int, ...] = (8, 16, 32, 64)
+    prefill_segments: tuple[int, ...] = (512, 512, 256, 256, 128, 128, 64, 64)  # tokens per adapter
+    contexts: tuple[int, ...] = (1024, 4096)
+    decode_seqs: int = 32
+    prefill_seqs: tuple[int, ...] = (1024, 1024, 512, 512)  # attention prefill query lengths
+    copy_bytes: int = 2**31
+    matmul_size: int = 8192
+    sweep: bool = False  # also time a grid of LoRA block sizes and splits (decode case) and report the best
+
+    @classmethod
+    def tiny(cls) -> "Settings":
+        return cls(model_shape="tiny", dtype="float32", decode_tokens=8, decode_adapters=3, ranks=(2, 4, 8),
+                   prefill_segments=(20, 3), contexts=(40,), decode_seqs=2, prefill_seqs=(6, 3),
+                   copy_bytes=2**20, matmul_size=64)
+
+
+@dataclass
+class Result:
+    case: str
+    method: str
+    time_us: float
+    bytes: int  # what the op must read and write, whatever the method reads in fact
+    flops: int
+    gbps: float = 0.0
+    pct_copy_bandwidth: float = 0.0
+    tflops: float = 0.0
+    pct_matmul_peak: float = 0.0
+    speedup_vs_reference: float | None = None
+    max_error: float | None = None  # vs the reference's output, relative to the delta's magnitude
+    config: str | None = None  # the Triton launch configuration, where one was chosen or swept
+
+
+@dataclass
+class Report:
+    device: str
+    commit: str
+    date: str
+    torch: str
+    triton: str
+    settings: dict
+    copy_bandwidth_gbps: float
+    matmul_peak_tflops: float
+    results: list[Result] = field(default_factory=list)
+
+
+# --- timing and device peaks --------------------------------------------------------------------------
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Microseconds per call of `fn`: on CUDA the median of graph replays (`cuda_graph_time`); on the
+    CPU one call after a warm-up (the interpreter is for keeping the benchmark working, not timing)."""
+    if device.type == "cuda":
+        return cuda_graph_time
+
+    def cpu_time(fn: Callable[[], object]) -> float:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+
+    return cpu_time
+
+
+_L2_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def cuda_graph_time(fn: Callable[[], object], repeats: int = 50) -> float:
+    """Median GPU time of `fn` captured in a CUDA graph, L2 flushed before each replay.
+
+    A graph keeps Python's launch overhead out (as the engine's decode graphs will), so a few-µs
+    kernel is timed, not its launcher; the flush (a 256 MB write, outside the timed events) makes
+    every replay read its weights from HBM. Falls back to `triton.testing.do_bench` when `fn` cannot
+    be captured.
+    """
+    from triton.testing import do_bench
+
+    flush = _L2_FLUSH.setdefault(torch.device("cuda", torch.cuda.current_device()),
+                                 torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up: compile, autotune, allocate outside the capture
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # noqa: BLE001 - anything a capture refuses: time it launch by launch
+        torch.cuda.synchronize()
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in zip(starts, ends))
+    return times[len(times) // 2] * 1e3
+
+
+def copy_bandwidth(device: torch.device, num_bytes: int, measure) -> float:
+    source = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return 2 * num_bytes / measure(lambda: target.copy_(source)) / 1e3  # GB/s
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, measure) -> float:
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    return 2 * size**3 / measure(lambda: a @ b) / 1e6  # TFLOP/s
+
+
+# --- synthetic adapters in the pool ---------------------------------------------------------------------
+def synthetic_adapters(ranks: list[int], config: ModelConfig, modules: tuple[str, ...], rows: torch.Tensor,
+                       free_rows: torch.Tensor, generator: torch.Generator) -> list[ResidentAdapter]:
+    """Adapters of `ranks` over `modules`, weights written into `rows` (a pool layer) at `free_rows`, in order.
+
+    The weights are small (about 1/sqrt(dim)) so that repeated timing runs keep y finite.
+    """
+    kv_dim, shapes = config.kv_dim, config.module_shapes()
+    adapters, used = [], 0
+    for i, rank in enumerate(ranks):
+        layout_modules, row = {}, 0
+        for module in modules:
+            in_features, out_features = shapes[module]
+            a_chunks, b_chunks = math.ceil(in_features / kv_dim), math.ceil(out_features / kv_dim)
+            layout_modules[module] = ModuleRows(row, a_chunks, row + rank * a_chunks, b_chunks, in_features,
+                                                out_features)
+            row += rank * (a_chunks + b_chunks)
+        row_table = free_rows[used : used + row]
+        if row_table.numel() < row:
+            raise ValueError(f"the benchmark pool holds {free_rows.numel()} rows, the adapters need more")
+        used += row
+        values = torch.randn(row, kv_dim, generator=generator) / math.sqrt(config.hidden_size)
+        rows[row_table] = values.to(rows.device, rows.dtype)
+        layer_ranks = {(0, module): rank for module in modules}
+        layer_scalings = {(0, module): 16.0 / rank for module in modules}
+        adapters.append(ResidentAdapter(f"bench{i}", RowLayout(layout_modules, row), [], row_table, layer_ranks,
+                                        layer_scalings))
+    return adapters
+
+
+def padded_copies(adapters: list[ResidentAdapter], max_rank: int, rows: torch.Tensor,
+                  free_rows: torch.Tensor) -> list[ResidentAdapter]:
+    """The same adapters padded to `max_rank` (zero rows past their rank): the padding ablation."""
+    copies, used = [], 0
+    for adapter in adapters:
+        layout_modules, row = {}, 0
+        for module, m in adapter.layout.modules.items():
+            layout_modules[module] = ModuleRows(row, m.a_chunks, row + max_rank * m.a_chunks, m.b_chunks,
+                                                m.in_features, m.out_features)
+            row += max_rank * (m.a_chunks + m.b_chunks)
+        row_table = free_rows[used : used + row]
+        used += row
+        rows[row_table] = 0
+        for module, m in adapter.layout.modules.items():
+            rank, padded = adapter.layer_ranks[(0, module)], layout_modules[module]
+            for start, padded_start, chunks in ((m.a_start, padded.a_start, m.a_chunks),
+                                                (m.b_start, padded.b_start, m.b_chunks)):
+                source = adapter.row_table[start : start + rank * chunks]
+                rows[row_table[padded_start : padded_start + rank * chunks]] = rows[source]
+        copies.append(ResidentAdapter(adapter.name + "-padded", RowLayout(layout_modules, row), [], row_table,
+                                      {key: max_rank for key in adapter.layer_ranks}, dict(adapter.layer_scalings)))
+    return copies
+
+
+def adapter_rows_needed(ranks: list[int], config: ModelConfig, modules: tuple[str, ...]) -> int:
+    shapes, kv_dim = config.module_shapes(), config.kv_dim
+    return sum(r * (math.ceil(shapes[m][0] / kv_dim) + math.ceil(shapes[m][1] / kv_dim)) for r in ranks for m in modules)
+
+
+def groups_of(token_adapters: list[int], adapters: list[ResidentAdapter], device: torch.device) -> list[AdapterTokens]:
+    by_adapter: dict[int, list[int]] = {}
+    for t, a in enumerate(token_adapters):
+        by_adapter.setdefault(a, []).append(t)
+    return [AdapterTokens(adapters[a], torch.tensor(tokens, device=device)) for a, tokens in sorted(by_adapter.items())]
+
+
+# --- the ablations ------------------------------------------------------------------------------------
+class GatherBmm:
+    """S-LoRA's first ablation: gather each token's adapter rows from the pool (padded to the largest
+    rank with a zero row) into one batch, then two `torch.bmm`. The gather is paid at every op."""
+
+    def __init__(self, rows: torch.Tensor, groups: list[AdapterTokens], num_tokens: int, zero_row: int,
+                 modules: tuple[str, ...]):
+        self.rows = rows
+        self.max_rank = max(g.adapter.layer_ranks[(0, modules[0])] for g in groups)
+        self.a_index, self.b_index, self.shapes, self.scaling = {}, {}, {}, {}
+        device = rows.device
+        self.tokens = torch.cat([g.token_indices for g in groups])
+        for module in modules:
+            scaling = torch.zeros(num_tokens, device=device, dtype=rows.dtype)
+            a_index, b_index = [], []
+            for group in groups:
+                adapter, count = group.adapter, group.token_indices.numel()
+                m, rank = adapter.layout.modules[module], adapter.layer_ranks[(0, module)]
+                for start, chunks, index in ((m.a_start, m.a_chunks, a_index), (m.b_start, m.b_chunks, b_index)):
+                    ids = torch.full((self.max_rank * chunks,), zero_row, dtype=torch.int64, device=device)
+                    ids[: rank * chunks] = adapter.row_table[start : start + rank * chunks]
+                    index.append(ids.expand(count, -1))
+                scaling[group.token_indices] = adapter.layer_scalings[(0, module)]
+            self.a_index[module] = torch.cat(a_index)  # [lora tokens, max_rank * chunks], in `tokens` order
+            self.b_index[module] = torch.cat(b_index)
+            self.shapes[module] = (m.in_features, m.out_features, m.a_chunks, m.b_chunks)
+            self.scaling[module] = scaling[self.tokens][:, None, None]
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+        in_features, out_features, a_chunks, b_chunks = self.shapes[module]
+        n, kv_dim = self.tokens.numel(), self.rows.shape[1]
+        a = self.rows[self.a_index[module]].view(n, self.max_rank, a_chunks * kv_dim)[:, :, :in_features]
+        b_t = self.rows[self.b_index[module]].view(n, self.max_rank, b_chunks * kv_dim)[:, :, :out_features]
+        v = torch.bmm(x[self.tokens].unsqueeze(1), a.transpose(1, 2))  # [n, 1, max_rank]
+        y[self.tokens] += (self.scaling[module] * torch.bmm(v, b_t)).squeeze(1)
+
+
+class PaddedBmm:
+    """S-LoRA's second ablation: every adapter's weights stored contiguously, padded to the largest
+    rank; each op gathers the tokens' adapters from that store and runs two `torch.bmm`."""
+
+    def __init__(self, gather: GatherBmm, groups: list[AdapterTokens], modules: tuple[str, ...]):
+        self.gather = gather
+        device = gather.rows.device
+        self.token_adapter = torch.cat([torch.full((g.token_indices.numel(),), j, device=device)
+                                        for j, g in enumerate(groups)])
+        self.a, self.b_t = {}, {}
+        starts = [0] + torch.tensor([g.token_indices.numel() for g in groups]).cumsum(0).tolist()
+        first = torch.tensor(starts[:-1], device=device)  # each adapter's first token: its index rows
+        for module in modules:  # one padded [max_rank, features] matrix per adapter
+            in_features, out_features, _, _ = gather.shapes[module]
+            a = gather.rows[gather.a_index[module][first]].view(len(groups), gather.max_rank, -1)
+            b_t = gather.rows[gather.b_index[module][first]].view(len(groups), gather.max_rank, -1)
+            self.a[module] = a[:, :, :in_features].contiguous()
+            self.b_t[module] = b_t[:, :, :out_features].contiguous()
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+        tokens = self.gather.tokens
+        a, b_t = self.a[module][self.token_adapter], self.b_t[module][self.token_adapter]
+        v = torch.bmm(x[tokens].unsqueeze(1), a.transpose(1, 2))
+        y[tokens] += (self.gather.scaling[module] * torch.bmm(v, b_t)).squeeze(1)
+
+
+# --- cases ----------------------------------------------------------------------------------------------
+def _finish(result: Result, copy_gbps: float, peak_tflops: float) -> Result:
+    seconds = result.time_us / 1e6
+    result.gbps = result.bytes / seconds / 1e9
+    result.pct_copy_bandwidth = 100 * result.gbps / copy_gbps
+    result.tflops = result.flops / seconds / 1e12
+    result.pct_matmul_peak = 100 * result.tflops / peak_tflops
+    return result
+
+
+def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: ModelConfig, dtype: torch.dtype,
+              device: torch.device, measure, generator: torch.Generator, sweep: bool = False) -> list[Result]:
+    """All methods applying the q/k/v/o deltas of one layer to one batch."""
+    from slora.kernels.triton_lora import TritonLoRA
+
+    modules = LORA_MODULES
+    num_tokens, kv_dim = len(token_adapters), config.kv_dim
+    padded_ranks = [max(ranks)] * len(ranks)
+    rows_needed = adapter_rows_needed(ranks, config, modules) + adapter_rows_needed(padded_ranks, config, modules)
+    num_slots = rows_needed // 2 + 2
+    pool = torch.zeros(num_slots, 2, config.num_kv_heads, config.head_dim, dtype=dtype, device=device)
+    rows = pool.view(-1, kv_dim)
+    free_rows = (torch.randperm(2 * num_slots - 1, generator=generator) + 1).to(device)  # row 0 stays zero
+    adapters = synthetic_adapters(ranks, config, modules, rows, free_rows, generator)
+    used = sum(a.layout.num_rows for a in adapters)
+    padded = padded_copies(adapters, max(ranks), rows, free_rows[used:])
+    groups = groups_of(token_adapters, adapters, device)
+    padded_groups = groups_of(token_adapters, padded, device)
+    shapes = config.module_shapes()
+    xs = {m: torch.randn(num_tokens, shapes[m][0], generator=generator).to(device, dtype) for m in modules}
+    y0 = {m: torch.randn(num_tokens, shapes[m][1], generator=generator).to(device, dtype) for m in modules}
+    gather = GatherBmm(rows, groups, num_tokens, 0, modules)
+    methods = {
+        "torch_reference": TorchLoRA([pool], groups),
+        "triton_segment": TritonLoRA([pool], LoRABatch.build(groups, 1, device), form="segment"),
+        "triton_token": TritonLoRA([pool], LoRABatch.build(groups, 1, device), form="token"),
+        "triton_padded": TritonLoRA([pool], LoRABatch.build(padded_groups, 1, device), form="segment"),
+        "gather_bmm": gather,
+        "padded_bmm": PaddedBmm(gather, groups, modules),
+    }
+    distinct = {j: adapters[j] for j in set(token_adapters)}
+    weight_elements = sum(ranks[j] * sum(shapes[m][0] + shapes[m][1] for m in modules) for j in distinct)
+    io_elements = num_tokens * sum(shapes[m][0] + 2 * shapes[m][1] for m in modules)
+    num_bytes = (weight_elements + io_elements) * pool.element_size()
+    flops = 2 * sum(ranks[a] for a in token_adapters) * sum(shapes[m][0] + shapes[m][1] for m in modules)
+    expected = {}
+    for m in modules:
+        expected[m] = y0[m].clone()
+        methods["torch_reference"].add_delta(expected[m], xs[m], 0, m)
+    results = []
+    for method, op in methods.items():
+        ys = {m: y0[m].clone() for m in modules}
+        error = 0.0
+        for m in modules:
+            op.add_delta(ys[m], xs[m], 0, m)
+            delta = (expected[m].float() - y0[m].float()).abs().max().item()
+            error = max(error, (ys[m].float() - expected[m].float()).abs().max().item() / max(delta, 1e-30))
+
+        def run(op=op, ys=ys) -> None:
+            for m in modules:
+                op.add_delta(ys[m], xs[m], 0, m)
+
+        results.append(Result(case, method, measure(run), num_bytes, flops, max_error=error))
+    results += _lora_single_ops(case, methods, xs, y0, modules[0], ranks, distinct, shapes, measure, sweep)
+    return results
+
+
+def _sweep_configs(op: str, form: str) -> list:
+    """About 60 launches in all: each new block size compiles a kernel (a second or two)."""
+    from slora.kernels.triton_lora import LoRAKernelConfig
+
+    if op == "shrink":
+        blocks_k = (256, 512) if form == "token" else (128, 256)
+        return [LoRAKernelConfig(block_r=r, block_k=k, split_k=s) for r in (16, 32, 64) for k in blocks_k
+                for s in (1, 4, 8)]
+    return [LoRAKernelConfig(block_r=r, block_n=n, num_warps=w) for r in (16, 32) for n in (64, 128, 256)
+            for w in (4, 8)]
+
+
+def _config_text(config) -> str:
+    return ", ".join(f"{k}={v}" for k, v in asdict(config).items() if v is not None)
+
+
+def _lora_single_ops(case, methods, xs, y0, module, ranks, distinct, shapes, measure, sweep: bool) -> list[Result]:
+    """Shrink and expand alone, for the q_proj of both Triton forms: where the time goes. With `sweep`,
+    also the best of a grid of block sizes and splits for each (what the defaults should be)."""
+    from slora.kernels.triton_lora import choose_config, expand, shrink
+
+    results = []
+    in_features, out_features = shapes[module]
+    for form in ("segment", "token"):
+        op = methods[f"triton_{form}"]
+        batch, v, rows = op.batch, op._v, op.layers[0].view(-1, op.layers[0].shape[-2] * op.layers[0].shape[-1])
+        n, max_rank = batch.num_tokens, max(ranks)
+        token_ranks = sum(ranks[j] * (batch.segment_starts[i + 1] - batch.segment_starts[i]).item()
+                          for i, j in enumerate(_adapter_ids(batch, distinct)))
+        element = rows.element_size()
+        weights_a = sum(ranks[j] for j in distinct) * in_features
+        weights_b = sum(ranks[j] for j in distinct) * out_features
+        y = y0[module].clone()
+        x = xs[module]
+        ops = {
+            "shrink": (lambda c: shrink(x, rows, batch, 0, module, v, form, c),
+                       (weights_a + n * in_features) * element + n * max_rank * 4, 2 * token_ranks * in_features,
+                       in_features),
+            "expand": (lambda c: expand(y, v, rows, batch, 0, module, form, c),
+                       (weights_b + 2 * n * out_features) * element + n * max_rank * 4,
+                       2 * token_ranks * out_features, out_features),
+        }
+        for name, (launch, num_bytes, flops, features) in ops.items():
+            chosen = choose_config(name, form, batch, features, max_rank, rows.shape[1], rows.device)
+            method = f"triton_{form}_{name}[{module}]"
+            results.append(Result(case, method, measure(lambda: launch(None)), num_bytes, flops,
+                                  config=_config_text(chosen)))
+            if sweep:
+                timed = [(measure(lambda c=c: launch(c)), c) for c in _sweep_configs(name, form)]
+                best_time, best = min(timed, key=lambda pair: pair[0])
+                filled = choose_config(name, form, batch, features, max_rank, rows.shape[1], rows.device, best)
+                results.append(Result(case, f"{method} tuned ({len(timed)} configs)", best_time, num_bytes, flops,
+                                      config=_config_text(filled)))
+    return results
+
+
+def _adapter_ids(batch: LoRABatch, distinct: dict[int, ResidentAdapter]) -> list[int]:
+    by_identity = {id(adapter): j for j, adapter in distinct.items()}
+    return [by_identity[id(adapter)] for adapter in batch.adapters]
+
+
+def attention_case(case: str, query_lens: list[int], context_lens: list[int], config: ModelConfig,
+                   dtype: torch.dtype, device: torch.device, measure, generator: torch.Generator) -> list[Result]:
+    from slora.kernels import attention, triton_attention
+
+    heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+    num_slots = sum(context_lens)
+    pool = torch.randn(num_slots, 2, kv_heads, head_dim, generator=generator).to(device, dtype)
+    order = torch.randperm(num_slots, generator=generator)
+    slots, starts, mapping, used = [], [], [], 0
+    for query_len, context_len in zip(query_lens, context_lens):
+        slots.append(order[used : used + context_len].tolist())
+        used += context_len
+        starts.append(len(mapping))
+        mapping += slots[-1][context_len - query_len :]
+    meta = AttentionMetadata(torch.tensor(mapping, device=device), starts, list(query_lens),
+                             [torch.tensor(s, device=device) for s in slots], head_dim**-0.5,
+                             SlotTable.build(starts, list(query_lens), slots, device))
+    tokens = len(mapping)
+    q = torch.randn(tokens, heads, head_dim, generator=generator).to(device, dtype)
+    k, v = (torch.randn(tokens, kv_heads, head_dim, generator=generator).to(device, dtype) for _ in range(2))
+    element = pool.element_size()
+    num_bytes = (sum(context_lens) * 2 * kv_heads * head_dim + 2 * tokens * heads * head_dim
+                 + 2 * tokens * kv_heads * head_dim) * element
+    # Causal: query i of a sequence sees context_len - query_len + i + 1 keys; QK^T and PV, 2 FLOPs each.
+    pairs = sum(q_len * (c_len - q_len) + q_len * (q_len + 1) // 2 for q_len, c_len in zip(query_lens, context_lens))
+    flops = 4 * pairs * heads * head_dim
+    expected = attention.paged_attention(q, k, v, pool, meta)
+    results = []
+    for method, fn in (("torch_reference", attention.paged_attention),
+                       ("triton", triton_attention.paged_attention)):
+        out = fn(q, k, v, pool, meta)
+        error = ((out.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+        results.append(Result(case, method, measure(lambda fn=fn: fn(q, k, v, pool, meta)), num_bytes, flops,
+                              max_error=error))
+    return results
+
+
+# --- the whole benchmark ------------------------------------------------------------------------------
+def commit_of_checkout() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("SLORA_COMMIT", "unknown")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)"
+
+
+def run(settings: Settings, device: torch.device, log=print) -> Report:
+    config = model_shape(settings.model_shape)
+    dtype = _DTYPES[settings.dtype]
+    measure = timer(device)
+    generator = torch.Generator().manual_seed(0)
+    import triton
+
+    copy_gbps = copy_bandwidth(device, settings.copy_bytes, measure)
+    peak = matmul_peak(device, dtype, settings.matmul_size, measure)
+    log(f"device {device_name(device)}: copy {copy_gbps:.0f} GB/s, {settings.dtype} matmul {peak:.1f} TFLOP/s")
+    report = Report(device_name(device), commit_of_checkout(), datetime.datetime.now(datetime.UTC).isoformat(),
+                    torch.__version__, triton.__version__, asdict(settings), copy_gbps, peak)
+    ranks = [settings.ranks[i % len(settings.ranks)] for i in range(settings.decode_adapters)]
+    decode_adapters = [i % settings.decode_adapters for i in range(settings.decode_tokens)]
+    order = torch.randperm(settings.decode_tokens, generator=generator).tolist()
+    decode_adapters = [decode_adapters[i] for i in order]  # tokens of one adapter scattered in the batch
+    cases = [
+        lambda: lora_case(f"lora_decode[{settings.decode_tokens} tokens, {settings.decode_adapters} adapters]",
+                          decode_adapters, ranks, config, dtype, device, measure, generator, settings.sweep),
+        lambda: lora_case(f"lora_prefill[{sum(settings.prefill_segments)} tokens, "
+                          f"{len(settings.prefill_segments)} adapters]",
+                          [j for j, n in enumerate(settings.prefill_segments) for _ in range(n)],
+                          [settings.ranks[j % len(settings.ranks)] for j in range(len(settings.prefill_segments))],
+                          config, dtype, device, measure, generator),
+    ]
+    for context in settings.contexts:
+        cases.append(lambda context=context: attention_case(
+            f"attention_decode[{settings.decode_seqs} seqs x {context} context]", [1] * settings.decode_seqs,
+            [context] * settings.decode_seqs, config, dtype, device, measure, generator))
+    cases.append(lambda: attention_case(
+        f"attention_prefill[{len(settings.prefill_seqs)} seqs, {sum(settings.prefill_seqs)} tokens]",
+        list(settings.prefill_seqs), list(settings.prefill_seqs), config, dtype, device, measure, generator))
+    for case in cases:
+        results = [_finish(r, copy_gbps, peak) for r in case()]
+        reference = {r.case: r.time_us for r in results if r.method == "torch_reference"}
+        for r in results:
+            if r.case in reference and "[" not in r.method:
+                r.speedup_vs_reference = reference[r.case] / r.time_us
+            log(f"  {r.case:<48} {r.method:<32} {r.time_us:10.1f} us {r.gbps:8.1f} GB/s "
+                f"({r.pct_copy_bandwidth:5.1f}% copy) {r.tflops:7.2f} TFLOP/s")
+        report.results += results
+    return report
+
+
+def write_report(report: Report, output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "kernels.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    lines = [
+        f"# Kernel benchmark: {report.settings['model_shape']}, {report.settings['dtype']}",
+        "",
+        f"- device: {report.device}",
+        f"- commit: {report.commit}",
+        f"- date: {report.date}; torch {report.torch}, triton {report.triton}",
+        f"- copy bandwidth (device-to-device copy, read + write): {report.copy_bandwidth_gbps:.0f} GB/s",
+        f"- matmul peak ({report.settings['matmul_size']}^3 {report.settings['dtype']}): "
+        f"{report.matmul_peak_tflops:.1f} TFLOP/s",
+        "",
+        "Bandwidth is over the bytes the op must move (distinct adapters' A and B once, x, y read and "
+        "written; each context's K/V once), whatever the method reads in fact.",
+        "",
+        "| case | method | time (us) | GB/s | % copy BW | TFLOP/s | % matmul peak | vs reference | max rel. error "
+        "| config |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report.results:
+        speedup = f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference else ""
+        error = f"{r.max_error:.1e}" if r.max_error is not None else ""
+        lines.append(f"| {r.case} | {r.method} | {r.time_us:.1f} | {r.gbps:.1f} | {r.pct_copy_bandwidth:.1f} | "
+                     f"{r.tflops:.2f} | {r.pct_matmul_peak:.1f} | {speedup} | {error} | {r.config or ''} |")
+    (output / "kernels.md").write_text("\n".join(lines) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings()
+    parser.add_argument("--output", default=None, help="folder for kernels.json and kernels.md "
+                        "(default: bench/results/kernels-<date>)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu (interpreter)")
+    parser.add_argument("--dtype", default=None, choices=list(_DTYPES), help=f"default: {defaults.dtype}")
+    parser.add_argument("--model-shape", default=None, help=f"default: {defaults.model_shape}")
+    parser.add_argument("--decode-tokens", type=int, default=None)
+    parser.add_argument("--decode-adapters", type=int, default=None)
+    parser.add_argument("--ranks", default=None, help="comma-separated adapter ranks, cycled (default: 8,16,32,64)")
+    parser.add_argument("--contexts", default=None, help="decode attention contexts (default: 1024,4096)")
+    parser.add_argument("--decode-seqs", type=int, default=None)
+    parser.add_argument("--sweep", action="store_true", help="also sweep the LoRA kernels' block sizes (decode)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes: runs on the CPU under the interpreter")
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    settings = Settings.tiny() if args.tiny else Settings()
+    settings.sweep = args.sweep
+    updates = {"dtype": args.dtype, "model_shape": args.model_shape, "decode_tokens": args.decode_tokens,
+               "decode_adapters": args.decode_adapters, "decode_seqs": args.decode_seqs,
+               "ranks": tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None,
+               "contexts": tuple(int(c) for c in args.contexts.split(",")) if args.contexts else None}
+    for name, value in updates.items():
+        if value is not None:
+            setattr(settings, name, value)
+    return settings
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined, on first import
+    settings = settings_of(args)
+    output = Path(args.output or f"bench/results/kernels-{datetime.date.today().isoformat()}")
+    report = run(settings, device)
+    write_report(report, output)
+    print(f"wrote {output / 'kernels.json'} and {output / 'kernels.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slora bench kernels", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Triton paged attention (prefill and decode) equals the torch reference over shuffled pool slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slora.kernels import attention, triton_attention
+from slora.kernels.metadata import AttentionMetadata, SlotTable
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _batch(query_lens: list[int], context_lens: list[int], num_heads: int, kv_heads: int, head_dim: int,
+           dtype: torch.dtype, device: torch.device, seed: int, with_table: bool):
+    """A random pool, sequences whose slots are scattered over it, and their new tokens' q/k/v."""
+    generator = torch.Generator().manual_seed(seed)
+    num_slots = sum(context_lens) + 37
+    pool = torch.randn(num_slots, 2, kv_heads, head_dim, generator=generator).to(device, dtype)
+    order = torch.randperm(num_slots, generator=generator)
+    context_slots, query_starts, slot_mapping, used = [], [], [], 0
+    for query_len, context_len in zip(query_lens, context_lens):
+        slots = order[used : used + context_len]
+        used += context_len
+        context_slots.append(slots.to(device))
+        query_starts.append(len(slot_mapping))
+        slot_mapping.extend(slots[context_len - query_len :].tolist())  # the prefix is already in the pool
+    meta = AttentionMetadata(torch.tensor(slot_mapping, device=device), query_starts, query_lens, context_slots,
+                             scale=head_dim**-0.5)
+    if with_table:
+        meta.slot_table = SlotTable.build(query_starts, query_lens, [s.tolist() for s in context_slots], device)
+    tokens = len(slot_mapping)
+    q, k, v = (torch.randn(tokens, heads, head_dim, generator=generator).to(device, dtype)
+               for heads in (num_heads, kv_heads, kv_heads))
+    return pool, meta, q, k, v
+
+
+def _compare(query_lens, context_lens, num_heads, kv_heads, head_dim=16, dtype=torch.float32, device="cpu",
+             seed=0, num_splits=None, with_table=True):
+    pool, meta, q, k, v = _batch(query_lens, context_lens, num_heads, kv_heads, head_dim, dtype, device, seed,
+                                 with_table)
+    reference_pool, triton_pool = pool.clone(), pool.clone()
+    reference = attention.paged_attention(q, k, v, reference_pool, meta)
+    out = triton_attention.paged_attention(q, k, v, triton_pool, meta, num_splits=num_splits)
+    assert torch.equal(triton_pool, reference_pool)  # new K/V written into their slots
+    error = (out.float() - reference.float()).abs().max().item()
+    assert error <= TOLERANCE[dtype], f"max error {error}"
+
+
+@pytest.mark.parametrize("num_heads, kv_heads", [(4, 4), (8, 2), (8, 1)])  # GQA ratios 1, 4, 8
+def test_prefill_variable_lengths_with_prefix(num_heads, kv_heads, device):
+    # A whole prompt, a chunk after a prefix, a long chunk (several query and key blocks), a decode token.
+    _compare([5, 7, 130, 1], [5, 40, 150, 9], num_heads, kv_heads, device=device, seed=num_heads + kv_heads)
+
+
+@pytest.mark.parametrize("num_heads, kv_heads", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_gqa_and_splits(num_heads, kv_heads, num_splits, device):
+    # With 3 splits of 320 keys, the short contexts leave splits empty: they must weigh nothing.
+    _compare([1, 1, 1, 1], [1, 7, 300, 130], num_heads, kv_heads, device=device, seed=num_splits,
+             num_splits=num_splits)
+
+
+def test_head_dim_not_a_power_of_two(device):
+    _compare([6, 1], [10, 20], 6, 2, head_dim=24, device=device)
+    _compare([1, 1], [10, 70], 6, 2, head_dim=24, device=device, num_splits=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype, device):
+    _compare([5, 20], [5, 50], 8, 2, dtype=dtype, device=device)
+    _compare([1, 1, 1], [3, 70, 140], 8, 2, dtype=dtype, device=device, num_splits=2)
+
+
+def test_slot_table_built_from_slot_lists_when_missing(device):
+    _compare([3, 1], [8, 12], 4, 2, device=device, with_table=False)
+
+
+def test_slot_table_layout():
+    table = SlotTable.build([0, 3], [3, 1], [[7, 1, 4], [9, 2, 5, 8, 6]], "cpu")
+    assert table.slots.tolist() == [[7, 1, 4, 0, 0], [9, 2, 5, 8, 6]]
+    assert table.context_lens.tolist() == [3, 5] and table.query_lens.tolist() == [3, 1]
+    assert (table.max_query_len, table.max_context_len) == (3, 5)

@@ -1,0 +1,131 @@
+"""Triton LoRA kernels (segment and token forms) equal the torch reference on random pools and adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slora.kernels.lora import LoRABatch, TorchLoRA, read_rows
+from slora.kernels.lora import shrink as reference_shrink
+from slora.kernels.triton_lora import LoRAKernelConfig, TritonLoRA, shrink
+from tests.kernels.helpers import group_tokens, make_adapters, random_pool
+
+KV_HEADS, HEAD_DIM = 2, 16  # kv_dim 32: a pool row
+KV_DIM = KV_HEADS * HEAD_DIM
+NUM_LAYERS = 2
+POOL_SLOTS = 1500  # the adapters below take ~2,600 of its 3,000 rows, shuffled
+# One chunk, two chunks, three chunks with padding, narrower than a row.
+SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "o_proj": (80, 16), "down_proj": (16, 80)}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _tokens(pattern: list[tuple[int | None, int]]) -> list[int | None]:
+    return [adapter for adapter, count in pattern for _ in range(count)]
+
+
+# Adapter (index into RANKS) of each flat-batch token, by runs: ranks 1..128 in one batch, a segment
+# of one token, one of ~120 tokens, tokens without an adapter, an adapter's tokens in two places.
+RANKS = [1, 8, 128, 3, 16]
+BATCHES = {
+    "mixed": _tokens([(0, 1), (1, 3), (None, 2), (2, 5), (3, 1), (1, 2), (4, 4), (None, 1)]),
+    "long_segment": _tokens([(2, 4), (1, 121), (None, 3), (0, 1), (3, 2)]),
+    "decode": [4, 0, 1, 3, 2, None],  # one token per adapter
+}
+
+
+def _check(y: torch.Tensor, reference: torch.Tensor, before: torch.Tensor, dtype: torch.dtype) -> None:
+    delta = (reference.float() - before.float()).abs().max()
+    assert delta > 0.1, "the adapters must change y for the test to mean anything"
+    error = (y.float() - reference.float()).abs().max()
+    assert error <= TOLERANCE[dtype] * delta, f"max error {error} vs delta {delta}"
+
+
+def _run(batch_name: str, form: str, dtype: torch.dtype, device: torch.device, seed: int,
+         config: LoRAKernelConfig | None = None) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    pool = random_pool(NUM_LAYERS, POOL_SLOTS, KV_HEADS, HEAD_DIM, dtype, device, generator)
+    adapters = make_adapters(RANKS, SHAPES, NUM_LAYERS, KV_DIM, 2 * POOL_SLOTS, device, generator)
+    token_adapters = BATCHES[batch_name]
+    groups = group_tokens(token_adapters, adapters, device)
+    torch_lora = TorchLoRA(pool, groups)
+    triton_lora = TritonLoRA(pool, LoRABatch.build(groups, NUM_LAYERS, device), form=form, config=config)
+    for layer in range(NUM_LAYERS):
+        for module, (in_features, out_features) in SHAPES.items():
+            x = torch.randn(len(token_adapters), in_features, generator=generator).to(device, dtype)
+            before = torch.randn(len(token_adapters), out_features, generator=generator).to(device, dtype)
+            reference, y = before.clone(), before.clone()
+            torch_lora.add_delta(reference, x, layer, module)
+            triton_lora.add_delta(y, x, layer, module)
+            _check(y, reference, before, dtype)
+            untouched = [t for t, a in enumerate(token_adapters) if a is None]
+            assert torch.equal(y[untouched], before[untouched])
+
+
+# The token form is the decode form: its long-segment case is left to the GPU check (interpreter time).
+@pytest.mark.parametrize("batch_name, form", [("mixed", "segment"), ("mixed", "token"), ("long_segment", "segment"),
+                                              ("decode", "segment"), ("decode", "token")])
+def test_lora_equals_reference_fp32(batch_name, form, device):
+    _run(batch_name, form, torch.float32, device, seed=hash((batch_name, form)) % 1000)
+
+
+@pytest.mark.parametrize("form", ["segment", "token"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_equals_reference_half(dtype, form, device):
+    _run("mixed", form, dtype, device, seed=7)
+
+
+@pytest.mark.parametrize("batch_name, form", [("long_segment", "segment"), ("mixed", "token")])
+def test_lora_small_blocks_and_splits(batch_name, form, device):
+    """Several rank tiles, several K steps per chunk, split-K with atomic adds, several token splits."""
+    config = LoRAKernelConfig(block_m=16, block_r=16, block_k=16, block_n=16, split_k=3, m_splits=3)
+    _run(batch_name, form, torch.float32, device, seed=3, config=config)
+
+
+@pytest.mark.parametrize("form", ["segment", "token"])
+def test_shrink_equals_reference(form, device):
+    generator = torch.Generator().manual_seed(11)
+    pool = random_pool(1, POOL_SLOTS, KV_HEADS, HEAD_DIM, torch.float32, device, generator)
+    adapters = make_adapters(RANKS, SHAPES, 1, KV_DIM, 2 * POOL_SLOTS, device, generator)
+    groups = group_tokens(BATCHES["mixed"], adapters, device)
+    batch = LoRABatch.build(groups, 1, device)
+    rows = pool[0].view(-1, KV_DIM)
+    x = torch.randn(len(BATCHES["mixed"]), 80, generator=generator).to(device)
+    v = torch.full((batch.num_tokens, max(RANKS)), float("nan"), device=device)
+    shrink(x, rows, batch, 0, "o_proj", v, form)
+    position = 0
+    for group in groups:
+        adapter, rank = group.adapter, group.adapter.layer_ranks.get((0, "o_proj"), 0)
+        count = group.token_indices.numel()
+        if rank:
+            m = adapter.layout.modules["o_proj"]
+            a_ids = adapter.row_table[m.a_start : m.a_start + rank * m.a_chunks]
+            expected = reference_shrink(x[group.token_indices], rows, a_ids, rank, m.a_chunks)
+            torch.testing.assert_close(v[position : position + count, :rank], expected, rtol=1e-5, atol=1e-5)
+        position += count
+
+
+def test_lora_batch_metadata(device):
+    """The packed table: row offsets, ranks (0 where an adapter skips a layer), segments."""
+    generator = torch.Generator().manual_seed(5)
+    adapters = make_adapters([4, 2], SHAPES, NUM_LAYERS, KV_DIM, 400, device, generator)
+    groups = group_tokens([1, 0, 1, None, 0], adapters, device)  # adapter 1 first: order of first use
+    batch = LoRABatch.build(groups, NUM_LAYERS, device)
+    assert batch.adapters == [adapters[1], adapters[0]]
+    assert batch.segment_starts.tolist() == [0, 2, 4]
+    assert batch.token_indices.tolist() == [0, 2, 1, 4]
+    assert batch.token_adapters.tolist() == [0, 0, 1, 1]
+    q = adapters[0].layout.modules["q_proj"]
+    assert batch.a_offsets[0, 1].item() == adapters[1].layout.num_rows + q.a_start
+    assert torch.equal(batch.row_table[adapters[1].layout.num_rows:].long().cpu(), adapters[0].row_table.cpu())
+    for layer in range(NUM_LAYERS):
+        for j, adapter in enumerate(batch.adapters):
+            assert batch.ranks[layer, 0, j].item() == adapter.layer_ranks.get((layer, "q_proj"), 0)
+    assert batch.max_segment_len == 2
+
+
+def test_read_rows_reference_gathers_chunks(device):
+    """The oracle itself: a 3-chunk row joins its pool rows in order and cuts the padding."""
+    rows = torch.arange(10 * 4, dtype=torch.float32, device=device).view(10, 4)
+    matrix = read_rows(rows, torch.tensor([7, 2, 5, 0, 9, 1], device=device), rank=2, chunks=3, width=10)
+    assert matrix[0].tolist() == rows[[7, 2, 5]].flatten()[:10].tolist()
+    assert matrix[1].tolist() == rows[[0, 9, 1]].flatten()[:10].tolist()
