@@ -75,7 +75,11 @@ def _serve(args: argparse.Namespace) -> int:
         lora=LoRAConfig(adapters, args.lora_dir, args.max_lora_rank, args.max_cpu_adapters),
     )
     options = ServerOptions(served_model_name=args.served_model_name, api_key=args.api_key,
-                            adapter_root=args.adapter_root, max_queue=args.max_queue)
+                            adapter_root=args.adapter_root, max_queue=args.max_queue,
+                            max_prompt_tokens=args.max_prompt_tokens, max_total_tokens=args.max_total_tokens,
+                            max_n=args.max_n, max_body_size=args.max_body_size,
+                            max_concurrency_per_key=args.max_concurrency_per_key,
+                            check_adapter_weights=args.check_adapter_weights)
     try:
         app = build_app(config, options)
     except ValueError as error:  # a model or adapter that cannot be loaded: the message names it
@@ -101,6 +105,8 @@ def _print_examples(url: str, model: str, adapters: list[str], with_key: bool) -
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from slora.server.app import ServerOptions
+
     parser = argparse.ArgumentParser(prog="slora", description="Serve one LLM with thousands of LoRA adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="generate text for prompts, offline")
@@ -125,12 +131,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("SLORA_API_KEY") or None,
                        help="required bearer key on /v1/* (default: $SLORA_API_KEY)")
     serve.add_argument("--adapter-root", default=None, help="allow run-time adapter loading from inside DIR only")
-    serve.add_argument("--max-queue", type=int, default=None,
-                       help="sequences that may wait beyond --max-num-seqs; more get 503 + Retry-After")
+    limits = ServerOptions()
+    serve.add_argument("--max-queue", type=_optional_int, default=limits.max_queue,
+                       help="sequences that may wait beyond --max-num-seqs; more get 503 + Retry-After ('none': no limit)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=None,
+                       help="tokens of one prompt (default: the context less one)")
+    serve.add_argument("--max-total-tokens", type=int, default=None,
+                       help="prompt + max_tokens of one prompt; an unset max_tokens gets the rest (default: the context)")
+    serve.add_argument("--max-n", type=int, default=limits.max_n, help="completions per prompt")
+    serve.add_argument("--max-body-size", type=int, default=limits.max_body_size,
+                       help="bytes of a request body; larger bodies get 413 before they are parsed")
+    serve.add_argument("--max-concurrency-per-key", type=_optional_int, default=limits.max_concurrency_per_key,
+                       help="with --api-key: generation calls in flight per key; more get 429 + Retry-After")
+    serve.add_argument("--check-adapter-weights", action=argparse.BooleanOptionalAction, default=True,
+                       help="read every start-up adapter's weights at start, refusing NaN/Inf (off: on first use)")
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=_serve)
+    _add_bench_commands(commands)
     return parser
+
+
+def _add_bench_commands(commands) -> None:
+    """`slora bench <what> ...`: one sub-command per benchmark."""
+    from slora.bench import cli as serving_bench
+    from slora.bench import kernels
+
+    bench = commands.add_parser("bench", help="benchmarks (results: bench/results/<run>/)")
+    benchmarks = bench.add_subparsers(dest="bench_command", required=True)
+    kernel_bench = benchmarks.add_parser("kernels", help="Triton kernels vs the torch reference and S-LoRA's "
+                                         "ablations: time, bandwidth, FLOP/s")
+    kernels.add_arguments(kernel_bench)
+    kernel_bench.set_defaults(run=kernels.run_from_args)
+    serving_bench.register(benchmarks)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ Requests are validated on arrival, so that one bad prompt fails alone and never 
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +17,9 @@ from slora.config import EngineConfig
 from slora.engine.batch import build_forward_batch
 from slora.engine.detokenizer import IncrementalDetokenizer
 from slora.engine.request import CompletionOutput, Request, RequestOutput
-from slora.engine.sampler import SampleInput, sample
+from slora.engine.sampler import SampleInput, SampleResult, sample
 from slora.engine.sampling_params import SamplingParams
-from slora.engine.scheduler import Scheduler
+from slora.engine.scheduler import ScheduledBatch, Scheduler
 from slora.lora.registry import AdapterRegistry, UnknownAdapterError
 from slora.lora.residency import AdapterResidency
 from slora.lora.store import HostStore
@@ -26,6 +27,8 @@ from slora.memory.pool import UnifiedPool
 from slora.models.loader import LoadedModel, load_model
 
 __all__ = ["LLMEngine", "RequestError", "UnknownAdapterError", "resolve_dtype"]
+
+logger = logging.getLogger("slora.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -163,34 +166,89 @@ class LLMEngine:
 
     # --- one iteration ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One iteration. A failure inside it fails the requests it concerns, never the engine: an
+        adapter that cannot be loaded fails its request; a failed forward pass fails its batch; a
+        failure while sampling, detokenizing or reporting one request fails that request (and its
+        n-siblings) alone. Failed requests finish with reason "error", their slots freed."""
         scheduled = self.scheduler.schedule()
         touched = {r.group_id for r in scheduled.preempted}
+        for request in scheduled.failed:
+            touched.add(request.group_id)
+            self._fail_group(request.group_id, request.error or "the request could not be scheduled")
+        try:
+            self._run_batch(scheduled, touched)
+        except Exception as error:  # the batch as a whole (batch tensors or forward pass) failed
+            logger.exception("the forward pass failed; failing the %d requests of its batch", len(scheduled))
+            for group_id in {r.group_id for r in scheduled.requests}:
+                touched.add(group_id)
+                self._fail_group(group_id, f"the forward pass failed: {type(error).__name__}: {error}")
+        outputs = [self._report(self._groups[g]) for g in touched if g in self._groups]
+        for output in outputs:
+            if output.finished:  # reported for the last time: forget it
+                del self._groups[output.request_id]
+        return outputs
+
+    def _run_batch(self, scheduled: ScheduledBatch, touched: set[str]) -> None:
         if scheduled.requests:
             batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.model_config.head_dim,
-                                                  self.device, self.residency)
+                                                  self.device, self.residency, self.config.backend)
             logits = self.model(batch)
             for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):
                 request.num_computed_tokens += num_new
                 touched.add(request.group_id)
             sampled = [scheduled.requests[i] for i in sampling]
             self._append_tokens(sampled, logits)
-        outputs = [self._output(self._groups[g]) for g in touched if g in self._groups]
-        for output in outputs:
-            if output.finished:  # reported for the last time: forget it
-                del self._groups[output.request_id]
-        return outputs
 
     def _append_tokens(self, requests: list[Request], logits: torch.Tensor) -> None:
         inputs = [SampleInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in requests]
-        results = sample(logits, inputs, self.model_config.eos_token_ids)
+        try:
+            results = sample(logits, inputs, self.model_config.eos_token_ids)
+        except Exception:  # one row broke the batched sampler: sample each row alone to find it
+            results = [self._sample_alone(r, logits[i : i + 1], inputs[i]) for i, r in enumerate(requests)]
         for request, result in zip(requests, results):
-            token = result.token_id
-            request.output_token_ids.append(token)
-            if result.top_logprobs is not None:
-                request.logprobs.append({token: result.logprob, **result.top_logprobs})
-            reason = self._finish_reason(request, token)
-            if reason is not None:
-                self.scheduler.finish(request, reason)
+            if result is None or request.is_finished:  # failed, or failed with a sibling
+                continue
+            try:
+                self._append_token(request, result)
+            except Exception as error:
+                self._fail_request(request, "processing its new token", error)
+
+    def _sample_alone(self, request: Request, logits: torch.Tensor, row: SampleInput) -> SampleResult | None:
+        try:
+            return sample(logits, [row], self.model_config.eos_token_ids)[0]
+        except Exception as error:
+            self._fail_request(request, "sampling", error)
+            return None
+
+    def _append_token(self, request: Request, result: SampleResult) -> None:
+        token = result.token_id
+        request.output_token_ids.append(token)
+        if result.top_logprobs is not None:
+            request.logprobs.append({token: result.logprob, **result.top_logprobs})
+        reason = self._finish_reason(request, token)
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+
+    def _fail_request(self, request: Request, stage: str, error: Exception) -> None:
+        logger.exception("request %s failed while %s", request.request_id, stage)
+        self._fail_group(request.group_id, f"request failed while {stage}: {type(error).__name__}: {error}")
+
+    def _fail_group(self, group_id: str, message: str) -> None:
+        """Finish every sequence of a prompt with reason "error" and `message`, freeing their slots."""
+        group = self._groups.get(group_id)
+        for member in group.members if group else []:
+            if member.is_finished:
+                member.finish_reason, member.error = "error", member.error or message
+            else:
+                self.scheduler.finish(member, "error", message)
+
+    def _report(self, group: _Group) -> RequestOutput:
+        try:
+            return self._output(group)
+        except Exception as error:  # e.g. the detokenizer's final flush
+            logger.exception("reporting request %s failed", group.request_id)
+            self._fail_group(group.request_id, f"request failed while reporting: {type(error).__name__}: {error}")
+            return self._output(group)
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
         params = request.params
@@ -213,7 +271,8 @@ class LLMEngine:
         outputs = []
         for index, member in enumerate(group.members):
             text = member.text
-            if member.is_finished and member.detokenizer is not None and not member.detokenizer.stopped:
+            if member.is_finished and member.error is None and member.detokenizer is not None \
+                    and not member.detokenizer.stopped:
                 text += member.detokenizer.flush()
             logprobs = member.logprobs if member.params.logprobs is not None else None
             outputs.append(CompletionOutput(index, text, list(member.output_token_ids), member.finish_reason,

@@ -10,7 +10,8 @@ arrival order while the budget, `max_num_seqs` and free slots allow, and none wa
 Adapters share the pool: admitting a request whose adapter is not resident also costs that
 adapter's slots. Idle adapters (no running request) are evicted, least recently used first,
 before any request is preempted; a running request's adapter is never evicted. Admission is in
-arrival order, so no adapter's requests can starve behind others.
+arrival order, so no adapter's requests can starve behind others. A request whose adapter cannot
+be loaded (its weights are checked when first read) fails alone, in `ScheduledBatch.failed`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)  # finished with an error while being admitted
 
     def add(self, request: Request, num_tokens: int) -> None:
         self.requests.append(request)
@@ -80,7 +82,11 @@ class Scheduler:
                 break
             self.waiting.popleft()
             if request.adapter:
-                self.residency.acquire(request.adapter)
+                try:
+                    self.residency.acquire(request.adapter)
+                except Exception as error:  # its weights cannot be read (corrupt, NaN, gone): it fails alone
+                    self._fail_admission(batch, request, f"adapter {request.adapter!r} cannot be loaded: {error}")
+                    continue
                 request.holds_adapter = True
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -113,6 +119,12 @@ class Scheduler:
         if request.holds_adapter:
             self.residency.release(request.adapter)
             request.holds_adapter = False
+
+    def _fail_admission(self, batch: ScheduledBatch, request: Request, error: str) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = "error"
+        request.error = error
+        batch.failed.append(request)
 
     def finish(self, request: Request, reason: str, error: str | None = None) -> None:
         """End a request (done, aborted or failed) wherever it is, and free its slots."""

@@ -2,10 +2,19 @@
 
 `build_app(engine_or_config, options)` returns a FastAPI app whose lifespan starts the engine thread
 (`AsyncEngine`). A request's way here: parse and validate the body (`protocol`), resolve `model` to
-the base model or an adapter (404 otherwise), reserve room in the queue (503 + Retry-After when it
-is full), submit one engine request per prompt (tokenized in the engine thread), then either stream
-server-sent events or collect the whole answer. A client that goes away aborts its requests at once.
-Every error is an OpenAI error body; the pure-ASGI `_Guard` checks the API key and counts requests.
+the base model or an adapter (404 otherwise), submit one engine request per prompt (tokenized,
+checked against the limits, then admitted if the queue has room: all in the engine thread, so that
+a bad request gets its 4xx even when the server is full and 503 + Retry-After means "valid, retry
+later"), then either stream server-sent events or collect the whole answer. A client that goes away
+aborts its requests at once.
+Every error is an OpenAI error body; the pure-ASGI `_Guard` checks the API key, the body size (413
+before parsing) and the per-key concurrency (429), and counts requests.
+
+Limits (`ServerOptions`, each a `slora serve` flag) bound what one request may cost: prompt tokens,
+prompt + max_tokens, n, body bytes, sequences queued, calls in flight per key. Adapters are checked
+whole before they are served, at start-up (the server refuses to start, naming the file) and at
+run time (4xx): folder (inside the root, a bounded number of regular files), config, header, and
+every weight (NaN/Inf). See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -13,8 +22,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import itertools
 import json
 import logging
+import os
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,21 +36,31 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from slora.config import EngineConfig
+from slora.config import EngineConfig, LoRAConfig
 from slora.engine.engine import LLMEngine, RequestError, UnknownAdapterError
 from slora.engine.sampling_params import SamplingParams
-from slora.server.async_engine import AsyncEngine, ChoiceDelta, RequestStream, TokenLogprob, Update
+from slora.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from slora.server.async_engine import AsyncEngine, ChoiceDelta, QueueFull, RequestStream, TokenLogprob, Update
 from slora.server.metrics import ServerMetrics
 from slora.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
-                                   UnloadAdapterRequest, parse_body)
+                                   UnloadAdapterRequest, parse_body, request_schemas)
 
 logger = logging.getLogger("slora.server")
 VERSION = "0.1.0"
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
           "/v1/unload_lora_adapter", "/health", "/version", "/metrics")
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+MAX_ADAPTER_ENTRIES = 64  # PEFT writes 2-3 files; a folder of thousands is refused before anything is read
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20
+GREEDY_BELOW = 1e-5  # a smaller positive temperature is greedy (dividing by it overflows float32)
+MIN_TOP_P = 1e-6  # a smaller top_p (0 in float32) means the same: only the most likely token
+MAX_TEMPERATURE = 1e4
+REPETITION_PENALTY_RANGE = (1e-4, 1e4)  # outside it the penalised logits overflow float32
 
 
 @dataclass
@@ -46,13 +68,28 @@ class ServerOptions:
     served_model_name: str | None = None  # default: the model's folder name
     api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1/* when set
     adapter_root: str | None = None  # run-time adapter loading only from inside it; off when None
-    max_queue: int | None = None  # sequences that may wait beyond max_num_seqs; None = no limit
+    max_queue: int | None = 1024  # sequences that may wait beyond max_num_seqs (503 beyond); None = no limit
+    max_prompt_tokens: int | None = None  # tokens of one prompt; None = the context less one
+    max_total_tokens: int | None = None  # prompt + max_tokens of one prompt; None = the context
+    max_n: int = 16  # completions per prompt
+    max_body_size: int = 4 << 20  # bytes of a request body; more is 413, refused before parsing
+    max_concurrency_per_key: int | None = 256  # generation calls in flight per API key (429 beyond); None = no limit
+    check_adapter_weights: bool = True  # read every start-up adapter's weights at start (NaN/Inf refused)
     retry_after_s: int = 1
 
 
 def build_app(engine_or_config: LLMEngine | EngineConfig, options: ServerOptions | None = None) -> FastAPI:
-    engine = engine_or_config if isinstance(engine_or_config, LLMEngine) else LLMEngine(engine_or_config)
-    server = _Server(engine, options or ServerOptions())
+    """The app; raises ValueError (AdapterError: file and problem) when a start-up adapter is bad."""
+    options = options or ServerOptions()
+    if isinstance(engine_or_config, LLMEngine):
+        engine = engine_or_config
+    else:
+        check_startup_adapter_folders(engine_or_config.lora)
+        engine = LLMEngine(engine_or_config)
+    if options.check_adapter_weights:
+        for name in engine.list_adapters():
+            check_adapter_weights(engine, name)
+    server = _Server(engine, options)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -64,6 +101,7 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, options: ServerOptions
     app.state.server = server
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _server_error)
     app.add_middleware(_Guard, server=server)
     app.post("/v1/completions")(server.completions)
@@ -74,7 +112,24 @@ def build_app(engine_or_config: LLMEngine | EngineConfig, options: ServerOptions
     app.get("/health")(server.health)
     app.get("/version")(lambda: {"version": VERSION})
     app.get("/metrics")(lambda: Response(server.metrics.render(), media_type="text/plain; version=0.0.4"))
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the JSON body of each POST route (the handlers parse bodies themselves,
+    so that every refusal is an OpenAI error): what schemathesis and clients generate requests from."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in request_schemas().items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": content}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -90,19 +145,27 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse
     return _error_response(APIError(error.status_code, str(error.detail)))
 
 
+async def _client_gone(_: Request, error: ClientDisconnect) -> Response:
+    return Response(status_code=499)  # gone before its body arrived: nobody reads this
+
+
 async def _server_error(_: Request, error: Exception) -> JSONResponse:
     logger.exception("request failed")
     return _error_response(APIError(500, f"internal error: {type(error).__name__}: {error}", code="internal_error"))
 
 
 class _Guard:
-    """Pure ASGI middleware (streaming-safe): API key on /v1/*, and requests counted by status."""
+    """Pure ASGI middleware (streaming-safe): the API key on /v1/*, the body size (413: a declared
+    Content-Length before reading, a chunked body as it arrives), generation calls in flight per key
+    (429), and requests counted by status."""
 
     def __init__(self, app, server: "_Server"):
         self.app = app
         self.server = server
         key = server.options.api_key
         self.key = key.encode() if key else None
+        self.max_body = server.options.max_body_size
+        self.in_flight: dict[bytes, int] = {}  # generation calls per key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -115,11 +178,49 @@ class _Guard:
                 self.server.metrics.http_requests.labels(route, str(message["status"])).inc()
             await send(message)
 
+        refusal = self._refusal(scope, path)
+        if refusal is not None:
+            return await _error_response(refusal)(scope, receive, counting_send)
+        receive = self._bounded(receive)
+        if self.key is None or path not in GENERATION_ROUTES:
+            return await self.app(scope, receive, counting_send)
+        self.in_flight[self.key] = self.in_flight.get(self.key, 0) + 1
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.in_flight[self.key] -= 1
+
+    def _refusal(self, scope, path: str) -> APIError | None:
         if self.key is not None and path.startswith("/v1/") and not self._authorized(scope):
-            error = APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'", None,
-                             "invalid_api_key")
-            return await _error_response(error)(scope, receive, counting_send)
-        await self.app(scope, receive, counting_send)
+            return APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            return self._too_large()
+        limit = self.server.options.max_concurrency_per_key
+        if self.key is not None and path in GENERATION_ROUTES and limit is not None \
+                and self.in_flight.get(self.key, 0) >= limit:
+            return APIError(429, f"this API key has {limit} requests in flight, the most allowed "
+                            "(--max-concurrency-per-key); retry later", None, "too_many_requests",
+                            {"Retry-After": str(self.server.options.retry_after_s)})
+        return None
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.max_body} bytes (--max-body-size)", None,
+                        "body_too_large")
+
+    def _bounded(self, receive):
+        received = 0
+
+        async def bounded_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:  # raised into the handler that reads the body
+                    raise self._too_large()
+            return message
+
+        return bounded_receive
 
     def _authorized(self, scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"")
@@ -134,7 +235,17 @@ class _Server:
         self.options = options
         self.model_name = options.served_model_name or engine.loaded.name
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.model_config.vocab_size
         self.capacity = None if options.max_queue is None else engine.config.scheduler.max_num_seqs + options.max_queue
+        self.engine.capacity = self.capacity
+        self.max_total_tokens = min(options.max_total_tokens or self.max_model_len, self.max_model_len)
+        self.max_prompt_tokens = min(options.max_prompt_tokens or self.max_total_tokens, self.max_total_tokens - 1)
+        for name in ("max_n", "max_body_size", "max_queue", "max_concurrency_per_key"):
+            value = getattr(options, name)
+            if value is not None and value < (0 if name == "max_queue" else 1):
+                raise ValueError(f"{name} must be at least {0 if name == 'max_queue' else 1}, got {value}")
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_total_tokens must be at least 2, got {self.max_total_tokens}")
         self.in_flight = 0  # sequences admitted and not yet finished
         self.created = int(time.time())
         self.metrics = ServerMetrics(lambda: self.engine.snapshot)
@@ -157,18 +268,21 @@ class _Server:
     async def completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         body = parse_body(await request.body(), CompletionRequest)
-        params = body.sampling_params()
+        params = self._checked(body.sampling_params())
         encodes = [_encode_text(p) if isinstance(p, str) else _encode_ids(p) for p in body.prompts()]
-        generation = await self._start(body.model, encodes, params, "cmpl", "prompt", arrival)
+        limit = self._limit("prompt", "max_tokens")
+        generation = await self._start(body.model, encodes, params, "cmpl", "prompt", arrival, limit)
         fmt = _CompletionFormat(generation.id, body.model, self.created, params.logprobs)
         return await self._respond(request, generation, fmt, body.stream, body.include_usage)
 
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         body = parse_body(await request.body(), ChatCompletionRequest)
-        params = body.sampling_params()
+        params = self._checked(body.sampling_params())
         messages = [m.for_template() for m in body.messages]
-        generation = await self._start(body.model, [_encode_chat(messages)], params, "chatcmpl", "messages", arrival)
+        limit = self._limit("messages", "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        generation = await self._start(body.model, [_encode_chat(messages)], params, "chatcmpl", "messages", arrival,
+                                       limit)
         fmt = _ChatFormat(generation.id, body.model, self.created, params.logprobs)
         return await self._respond(request, generation, fmt, body.stream, body.include_usage)
 
@@ -179,8 +293,17 @@ class _Server:
         if name == self.model_name:
             raise APIError(400, f"lora_name {name!r} is the base model's name", "lora_name")
         path = _confine(root, body.lora_path)
+
+        def add(engine: LLMEngine) -> None:  # checked whole, weights included, before anyone can use it
+            engine.add_adapter(name, str(path))
+            try:
+                check_adapter_weights(engine, name)
+            except BaseException:
+                engine.remove_adapter(name)
+                raise
+
         try:
-            await self.engine.call(lambda engine: engine.add_adapter(name, str(path)))
+            await self.engine.call(add)
         except ValueError as error:  # AdapterError: names the file and the problem
             raise APIError(400, str(error), "lora_path", "invalid_adapter") from None
         return {"id": name, "object": "model", "parent": self.model_name, "root": str(path)}
@@ -196,23 +319,71 @@ class _Server:
             raise APIError(409, str(error), "lora_name", "adapter_in_use") from None
         return {"id": body.lora_name, "object": "model", "deleted": True}
 
+    # --- limits ------------------------------------------------------------------------------------
+    def _checked(self, params: SamplingParams) -> SamplingParams:
+        """The server's limits on sampling parameters (beyond SamplingParams' own ranges): what one
+        request may cost, and values whose arithmetic would overflow float32 in the sampler."""
+        if params.n > self.options.max_n:
+            raise APIError(400, f"n is {params.n}; at most {self.options.max_n} (--max-n)", "n", "invalid_value")
+        bad = [t for t in params.stop_token_ids or () if t >= self.vocab_size]
+        if bad:
+            raise APIError(400, f"stop_token_ids has ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}",
+                           "stop_token_ids", "invalid_value")
+        if params.temperature > MAX_TEMPERATURE:
+            raise APIError(400, f"temperature must be <= {MAX_TEMPERATURE:g}, got {params.temperature}",
+                           "temperature", "invalid_value")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= params.repetition_penalty <= high:
+            raise APIError(400, f"repetition_penalty must be in [{low:g}, {high:g}], got {params.repetition_penalty}",
+                           "repetition_penalty", "invalid_value")
+        if 0 < params.temperature < GREEDY_BELOW:
+            params = dataclasses.replace(params, temperature=0.0)
+        if params.top_p < MIN_TOP_P:
+            params = dataclasses.replace(params, top_p=MIN_TOP_P)
+        return params
+
+    def _limit(self, prompt_param: str, max_tokens_param: str) -> Callable[[list[int], SamplingParams], SamplingParams]:
+        """Per prompt, once tokenized (in the engine thread): --max-prompt-tokens, and prompt + max_tokens
+        within --max-total-tokens (an unset max_tokens becomes what is left)."""
+
+        def limit(prompt: list[int], params: SamplingParams) -> SamplingParams:
+            size, total = len(prompt), self.max_total_tokens
+            if size > self.max_prompt_tokens:
+                raise APIError(400, f"the prompt has {size} tokens; at most {self.max_prompt_tokens} are allowed "
+                               "(--max-prompt-tokens, within the context)", prompt_param, "prompt_too_long")
+            room = total - size
+            if params.max_tokens is not None and params.max_tokens > room:
+                raise APIError(400, f"{max_tokens_param} is {params.max_tokens}, but the prompt has {size} tokens and a "
+                               f"request may hold {total} (--max-total-tokens); ask for at most {room}",
+                               max_tokens_param, "too_many_tokens")
+            if params.min_tokens > room:
+                raise APIError(400, f"min_tokens is {params.min_tokens}, but only {room} tokens fit after the prompt",
+                               "min_tokens", "too_many_tokens")
+            return params if params.max_tokens is not None else dataclasses.replace(params, max_tokens=room)
+
+        return limit
+
     # --- admission ---------------------------------------------------------------------------------
     async def _start(self, model: str, encodes: list[Callable[[LLMEngine], list[int]]], params: SamplingParams,
-                     prefix: str, prompt_param: str, arrival: float) -> "_Generation":
+                     prefix: str, prompt_param: str, arrival: float,
+                     limit: Callable[[list[int], SamplingParams], SamplingParams]) -> "_Generation":
         adapter = self._adapter_for(model)
         count = params.n * len(encodes)
-        if self.capacity is not None and self.in_flight + count > self.capacity:
-            raise APIError(503, f"the server is at capacity ({self.in_flight} sequences in flight); retry later",
-                           None, "queue_full", {"Retry-After": str(self.options.retry_after_s)})
+        if self.capacity is not None and count > self.capacity:
+            raise APIError(400, f"the request asks for {count} sequences (n x prompts); the server holds at most "
+                           f"{self.capacity}", "n", "invalid_value")
         generation = _Generation(self, f"{prefix}-{uuid.uuid4().hex}", params.n, count, arrival)
         try:
             for i, encode in enumerate(encodes):
-                stream = await self.engine.submit(encode, params, adapter, f"{generation.id}-{i}")
+                stream = await self.engine.submit(encode, params, adapter, f"{generation.id}-{i}", limit)
                 generation.streams.append(stream)
         except BaseException as error:
             generation.close()
             if isinstance(error, UnknownAdapterError):
                 raise _unknown_model(model) from None
+            if isinstance(error, QueueFull):  # only once the request was found valid: a retry can succeed
+                raise APIError(503, f"{error}; retry later", None, "queue_full",
+                               {"Retry-After": str(self.options.retry_after_s)}) from None
             if isinstance(error, ValueError):  # RequestError: the prompt, as the message says
                 raise APIError(400, str(error), prompt_param) from None
             raise
@@ -262,23 +433,75 @@ def _unknown_model(model: str) -> APIError:
     return APIError(404, f"the model {model!r} does not exist", "model", "model_not_found")
 
 
+# --- adapters: checked whole before they are served -----------------------------------------------
+class _OutsideRoot(AdapterError):
+    """An adapter path that leads outside the folder it must stay in."""
+
+
+def check_adapter_folder(folder: Path, root: Path | None = None) -> Path:
+    """The resolved adapter folder, if it is inside `root` (itself and every entry, after `..` and
+    links) when a root is given, holds at most MAX_ADAPTER_ENTRIES entries (counted without reading
+    more), and its config and weights, where present, are regular files of sane size (a FIFO would
+    block the reader). Raises AdapterError naming the path; the config and weights are checked after."""
+    resolved = folder.expanduser().resolve()
+    if root is not None and not resolved.is_relative_to(root):
+        raise _OutsideRoot(folder, f"leads outside {root}")
+    if not resolved.is_dir():
+        raise AdapterError(folder, "not an adapter folder")
+    with os.scandir(resolved) as entries:
+        listed = list(itertools.islice(entries, MAX_ADAPTER_ENTRIES + 1))
+    if len(listed) > MAX_ADAPTER_ENTRIES:
+        raise AdapterError(folder, f"holds more than {MAX_ADAPTER_ENTRIES} entries; an adapter folder holds "
+                           f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+    for entry in listed:
+        target = Path(entry.path).resolve()
+        if root is not None and not target.is_relative_to(root):
+            raise _OutsideRoot(folder, f"{entry.name} links outside {root}")
+        if entry.name in (CONFIG_FILE, WEIGHTS_FILE) and target.exists() and not stat.S_ISREG(target.stat().st_mode):
+            raise AdapterError(target, "not a regular file")
+    config = resolved / CONFIG_FILE
+    if config.is_file() and config.stat().st_size > MAX_ADAPTER_CONFIG_BYTES:
+        raise AdapterError(config, f"{config.stat().st_size} bytes; an adapter config is at most "
+                           f"{MAX_ADAPTER_CONFIG_BYTES}")
+    return resolved
+
+
+def check_startup_adapter_folders(lora: LoRAConfig) -> None:
+    """Folder checks of the adapters named at start-up: `--lora` paths (the operator's choice, not
+    confined) and the sub-folders of `--lora-dir`, which must stay inside it."""
+    for path in lora.adapters.values():
+        check_adapter_folder(Path(path))
+    if lora.lora_dir and Path(lora.lora_dir).expanduser().is_dir():
+        root = Path(lora.lora_dir).expanduser().resolve()
+        for sub in sorted(root.iterdir()):
+            if (sub / CONFIG_FILE).is_file():
+                check_adapter_folder(sub, root)
+
+
+def check_adapter_weights(engine: LLMEngine, name: str) -> None:
+    """Read every tensor of a registered adapter once (into the host store, where its first request
+    finds it): unreadable tensors and NaN/Inf raise AdapterError naming the file."""
+    spec = engine.registry.get(name)
+    try:
+        engine.residency.store.get(spec)
+    except AdapterError:
+        raise
+    except Exception as error:  # noqa: BLE001 - packing failed for a reason the checks above missed
+        raise AdapterError(spec.weights_file, f"cannot load the weights: {type(error).__name__}: {error}") from error
+
+
 def _confine(root: Path, lora_path: str) -> Path:
-    """The adapter folder `lora_path` (relative paths are relative to the root) if it stays inside the
-    root after resolving `..` and links, itself and every file in it; else 403."""
+    """The adapter folder `lora_path` (relative paths are relative to the root) after
+    `check_adapter_folder` against the root: 403 when it leaves the root, 400 otherwise."""
     try:
         candidate = Path(lora_path).expanduser()
-        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-        if not resolved.is_relative_to(root):
-            raise APIError(403, f"lora_path {lora_path!r} is outside the adapter root", "lora_path", "path_not_allowed")
-        if not resolved.is_dir():
-            raise APIError(400, f"lora_path {lora_path!r} is not an adapter folder", "lora_path", "invalid_adapter")
-        for entry in resolved.iterdir():
-            if not entry.resolve().is_relative_to(root):
-                raise APIError(403, f"lora_path {lora_path!r}: {entry.name} links outside the adapter root",
-                               "lora_path", "path_not_allowed")
+        return check_adapter_folder(candidate if candidate.is_absolute() else root / candidate, root)
+    except _OutsideRoot as error:
+        raise APIError(403, f"lora_path {lora_path!r} {error.problem}", "lora_path", "path_not_allowed") from None
+    except AdapterError as error:
+        raise APIError(400, f"lora_path {lora_path!r}: {error}", "lora_path", "invalid_adapter") from None
     except (OSError, ValueError, RuntimeError) as error:  # unreadable, NUL bytes, link loops
         raise APIError(400, f"lora_path {lora_path!r}: {error}", "lora_path", "invalid_adapter") from None
-    return resolved
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -295,7 +518,10 @@ def _encode_text(text: str) -> Callable[[LLMEngine], list[int]]:
     def encode(engine: LLMEngine) -> list[int]:
         if engine.tokenizer is None:
             raise RequestError(f"model {engine.loaded.name} has no tokenizer; send the prompt as token ids")
-        return engine.tokenizer.encode(text, add_special_tokens=True)
+        try:
+            return engine.tokenizer.encode(text, add_special_tokens=True)
+        except Exception as error:  # e.g. lone surrogates, which the Rust tokenizer cannot take
+            raise RequestError(f"the prompt cannot be tokenized: {type(error).__name__}: {error}") from None
 
     return encode
 

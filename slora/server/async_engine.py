@@ -30,6 +30,10 @@ logger = logging.getLogger("slora.server")
 T = TypeVar("T")
 
 
+class QueueFull(Exception):
+    """The engine holds all the sequences it may (running + queued); the caller answers 503."""
+
+
 @dataclass
 class TokenLogprob:
     token: str
@@ -141,6 +145,7 @@ class AsyncEngine:
         self._trackers: dict[str, _Tracker] = {}
         self._adapters: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.capacity: int | None = None  # unfinished sequences the engine may hold; None = no limit
         self._thread: threading.Thread | None = None
         self._refresh_adapters()
         self._publish()
@@ -166,15 +171,17 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
 
     async def submit(self, encode: Callable[[LLMEngine], list[int]], params: SamplingParams,
-                     adapter: str | None, request_id: str | None = None) -> RequestStream:
-        """Admit one prompt; `encode` runs in the engine thread (which owns the tokenizer).
+                     adapter: str | None, request_id: str | None = None,
+                     limit: Callable[[list[int], SamplingParams], SamplingParams] | None = None) -> RequestStream:
+        """Admit one prompt; `encode` runs in the engine thread (which owns the tokenizer), then
+        `limit(prompt, params)`, which may refuse the prompt or bound the parameters.
 
-        Raises what `encode` or `add_request` raised (RequestError, UnknownAdapterError, ...).
+        Raises what `encode`, `limit` or `add_request` raised (RequestError, UnknownAdapterError, ...).
         """
         self._check_alive()
         stream = RequestStream(self, request_id or f"req-{uuid.uuid4().hex}", params.n)
         admitted = self._loop.create_future()
-        self._commands.put(("add", encode, params, adapter, stream, admitted))
+        self._commands.put(("add", encode, params, adapter, stream, admitted, limit))
         try:
             stream.prompt_token_ids = await admitted
         except asyncio.CancelledError:
@@ -225,10 +232,13 @@ class AsyncEngine:
     def _execute(self, command: tuple) -> None:
         kind = command[0]
         if kind == "add":
-            _, encode, params, adapter, stream, admitted = command
+            _, encode, params, adapter, stream, admitted, limit = command
             try:
                 prompt = encode(self.engine)
-                self.engine.add_request(prompt, params, adapter, stream.request_id)
+                if limit is not None:
+                    params = limit(prompt, params)
+                self.engine.add_request(prompt, params, adapter, stream.request_id)  # validates the prompt
+                self._check_capacity(stream.request_id)
             except Exception as error:  # reported to the HTTP handler, which maps it to a status
                 self._resolve(admitted, error=error)
                 return
@@ -248,6 +258,13 @@ class AsyncEngine:
             self._publish()
             self._resolve(done, result=result)
 
+    def _check_capacity(self, request_id: str) -> None:
+        """Checked after the request was validated and added (this thread alone adds, so it is exact)."""
+        held = len(self.engine.scheduler.waiting) + len(self.engine.scheduler.running)
+        if self.capacity is not None and held > self.capacity:
+            self.engine.abort(request_id)
+            raise QueueFull(f"the server is at capacity ({self.capacity} sequences running or queued)")
+
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
@@ -260,10 +277,15 @@ class AsyncEngine:
             tracker = self._trackers.get(output.request_id)
             if tracker is None:
                 continue
-            update = tracker.delta(output, self._token_text)
+            try:
+                update = tracker.delta(output, self._token_text)
+            except Exception as error:  # this request's update cannot be built: it fails alone
+                logger.exception("request %s failed while streaming", output.request_id)
+                self.engine.abort(output.request_id)
+                update = Update([], True, f"request failed while streaming: {type(error).__name__}: {error}")
             if update.choices or update.finished:
                 deliveries.append((tracker.stream.queue, update))
-            if output.finished:
+            if update.finished:
                 del self._trackers[output.request_id]
         if deliveries:
             self._loop.call_soon_threadsafe(_deliver, deliveries)

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slora.engine.sampling_params import SamplingParams
 
-MAX_N = 128  # completions per prompt: bounds the work one request can ask for
+MAX_N = 128  # completions per prompt in the schema; the server's --max-n (smaller) applies on top
+MAX_PROMPTS = 256  # prompts in one batched completions request
+MAX_STOPS = 16  # stop strings per request: each is searched for after every token
+MAX_STOP_LENGTH = 256  # characters of one stop string
+MAX_STOP_TOKEN_IDS = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what torch accepts for seeds and token ids
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
-               404: "invalid_request_error", 409: "invalid_request_error", 503: "server_error"}
+               404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 503: "server_error"}
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 
 
 class APIError(Exception):
@@ -92,16 +100,17 @@ class _GenerateRequest(_Strict):
     best_of: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # extensions (vLLM)
-    top_k: int = -1
+    top_k: int = Field(default=-1, le=2**31 - 1)
     min_tokens: int = 0
     ignore_eos: bool = False
     repetition_penalty: float = 1.0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=INT64_MAX)]], Field(max_length=MAX_STOP_TOKEN_IDS)] \
+        | None = None
     # accepted, no effect on the result
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -148,6 +157,8 @@ class CompletionRequest(_GenerateRequest):
             return [p]
         if not p:
             raise APIError(400, "prompt is empty", "prompt")
+        if len(p) > MAX_PROMPTS:
+            raise APIError(400, f"prompt holds {len(p)} prompts; at most {MAX_PROMPTS} per request", "prompt")
         return list(p)
 
     def sampling_params(self) -> SamplingParams:
@@ -206,10 +217,14 @@ def sampling_or_400(make: Callable[[], SamplingParams], renames: dict[str, str] 
 
 
 def parse_body(raw: bytes, model: type[RequestT]) -> RequestT:
-    """Parse and validate a JSON body; any problem is a 400 that names the parameter."""
+    """Parse and validate a JSON body; any problem is a 400 that names the parameter.
+
+    Only standard JSON: NaN/Infinity, invalid UTF-8, nesting past Python's recursion limit and
+    integers past Python's digit limit are all refused here, as invalid JSON.
+    """
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise APIError(400, f"the request body is not valid JSON: {error}", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
@@ -222,9 +237,20 @@ def parse_body(raw: bytes, model: type[RequestT]) -> RequestT:
     return request
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def request_schemas() -> dict[str, type[BaseModel]]:
+    """The body model of each POST route, for the OpenAPI document."""
+    return {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+            "/v1/load_lora_adapter": LoadAdapterRequest, "/v1/unload_lora_adapter": UnloadAdapterRequest}
+
+
 def _validation_error(error: ValidationError) -> APIError:
     errors = error.errors()
-    first = max(errors, key=lambda e: len(e["loc"]))  # the most specific, where a union failed
+    # The most specific, where a union failed: a broken constraint over "not this type of the union".
+    first = max(errors, key=lambda e: (not e["type"].endswith("_type"), len(e["loc"])))
     param = _param_name(first["loc"])
     if first["type"] == "extra_forbidden":
         return APIError(400, f"unsupported parameter: {param}", param, "unsupported_parameter")
