@@ -172,6 +172,12 @@ def engine_state(url: str) -> dict[str, float]:
             "free_slots": get("slora_pool_slots_free"), "registered_adapters": get("slora_adapters", state="registered")}
 
 
+def sample_memory(pid: int, samples: list[float], end: float) -> None:
+    while time.monotonic() < end:
+        time.sleep(min(60.0, max(0.0, end - time.monotonic())))
+        samples.append(rss_mb(pid))
+
+
 def wait_idle(url: str, timeout: float) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
@@ -438,6 +444,8 @@ def run(args: argparse.Namespace) -> dict:
         load = Load(url, models, answers, started + duration, requests, bad_adapters)
         threads = [threading.Thread(target=load.client_thread, args=(seed,)) for seed in range(args.threads)]
         threads.append(threading.Thread(target=load.churn_thread, args=(adapters, answers["churn"])))
+        memory: list[float] = []  # the server's RSS each minute: growth that levels off is the allocator warming up
+        threads.append(threading.Thread(target=sample_memory, args=(process.pid, memory, started + duration)))
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -445,6 +453,7 @@ def run(args: argparse.Namespace) -> dict:
         report["load_s"] = round(time.monotonic() - started, 1)
         report["threads_hung"] = sum(t.is_alive() for t in threads)
         report["after"] = wait_idle(url, 120) | {"rss_mb": rss_mb(process.pid)}
+        report["rss_mb_each_minute"] = memory
         report["requests"] = summarize(requests)
         report["adapter_churn"] = dict(adapters.counts) | {"examples": adapters.examples}
     finally:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from tests.reliability.conftest import MAX_BODY, assert_still_correct, wait_idle
 
 TIMEOUT = httpx.Timeout(60.0)  # a hang fails the test instead of stalling it
+# Clients below open a connection per call: see test_faults.py on keep-alive stalls of ~40 ms.
 SCALE = int(os.environ.get("SLORA_FUZZ", "1"))  # SLORA_FUZZ=20: random seeds, 20x the examples
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=os.environ.get("SLORA_FUZZ") is None, database=None)
 
@@ -94,8 +95,9 @@ VALID_CHAT = VALID | {"messages": st.lists(st.fixed_dictionaries(
 
 def bodies(valid: dict[str, st.SearchStrategy], wild: dict[str, st.SearchStrategy], required: str):
     """A right request, then 0-3 fields set to wild values (or dropped, or unknown ones added)."""
-    base = st.fixed_dictionaries({"model": valid["model"], required: valid[required]},
-                                 optional={k: v for k, v in valid.items() if k not in ("model", required)})
+    always = ("model", "max_tokens", required)  # max_tokens: unset, a generation runs to --max-total-tokens
+    base = st.fixed_dictionaries({k: valid[k] for k in always},
+                                 optional={k: v for k, v in valid.items() if k not in always})
     changes = st.lists(st.tuples(st.sampled_from(sorted(wild)), st.integers(0, 9)), max_size=3)
 
     @st.composite
@@ -141,7 +143,7 @@ def send(client: httpx.Client, endpoint: str, body: dict) -> int:
 
 @pytest.fixture(scope="module")
 def client(limited, greedy_reference):
-    with httpx.Client(base_url=limited.url, timeout=TIMEOUT) as http:
+    with httpx.Client(base_url=limited.url, timeout=TIMEOUT, limits=httpx.Limits(max_keepalive_connections=0)) as http:
         yield http
     assert_still_correct(limited, greedy_reference)  # after every test of this module
     wait_idle(limited)

@@ -188,7 +188,9 @@ def test_adapter_churn_does_not_grow_the_registry_pool_or_memory(limited, greedy
         assert client.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
         return text
 
-    with httpx.Client(base_url=limited.url, timeout=60) as client:
+    # No keep-alive: httpx writes headers and body apart, and on a kept-alive loopback connection Nagle's
+    # algorithm and delayed ACKs then cost ~40 ms a call (the server is not slower; the client waits).
+    with httpx.Client(base_url=limited.url, timeout=60, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         want = [cycle(client, f"warm-{i}", True) for i in range(10)][0]
         before, memory = wait_idle(limited), rss_bytes()
         layouts = len(engine.residency._layouts)
@@ -200,5 +202,5 @@ def test_adapter_churn_does_not_grow_the_registry_pool_or_memory(limited, greedy
     assert after == before, (before, after)  # registered, adapter slots, host copies: all as before
     assert len(engine.residency._layouts) == layouts and "churn-299" not in server.engine.snapshot.adapters
     assert rss_bytes() - memory < 32 << 20
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 60  # ~3 s when the machine is free
     assert_still_correct(limited, greedy_reference)
