@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from slora.config import ServerOptions
 from slora.engine.sampling_params import SamplingParams
 
 
@@ -58,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from slora.config import EngineConfig, LoRAConfig, PoolConfig, SchedulerConfig
-    from slora.server.app import ServerOptions, build_app
+    from slora.server.app import build_app
 
     adapters = {}
     for item in args.lora:
@@ -105,8 +106,6 @@ def _print_examples(url: str, model: str, adapters: list[str], with_key: bool) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from slora.server.app import ServerOptions
-
     parser = argparse.ArgumentParser(prog="slora", description="Serve one LLM with thousands of LoRA adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="generate text for prompts, offline")

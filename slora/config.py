@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+BACKENDS = ("torch", "triton")  # kernel implementations: the torch reference and the Triton kernels
 
 
 @dataclass
@@ -149,6 +150,23 @@ class EngineConfig:
     backend: str | None = None  # kernels: "triton" or "torch"; None = "triton" on CUDA, "torch" on CPU
 
     def __post_init__(self) -> None:
-        if self.backend not in (None, "torch", "triton"):
-            raise ValueError(f"backend must be 'torch' or 'triton' (or None for the device's default), "
+        if self.backend not in (None, *BACKENDS):
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or None for the device's default), "
                              f"got {self.backend!r}")
+
+
+@dataclass
+class ServerOptions:
+    """What `slora serve` adds to the engine: naming, access, and the limits on what one request may cost."""
+
+    served_model_name: str | None = None  # default: the model's folder name
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1/* when set
+    adapter_root: str | None = None  # run-time adapter loading only from inside it; off when None
+    max_queue: int | None = 1024  # sequences that may wait beyond max_num_seqs (503 beyond); None = no limit
+    max_prompt_tokens: int | None = None  # tokens of one prompt; None = the context less one
+    max_total_tokens: int | None = None  # prompt + max_tokens of one prompt; None = the context
+    max_n: int = 16  # completions per prompt
+    max_body_size: int = 4 << 20  # bytes of a request body; more is 413, refused before parsing
+    max_concurrency_per_key: int | None = 256  # generation calls in flight per API key (429 beyond); None = no limit
+    check_adapter_weights: bool = True  # read every start-up adapter's weights at start (NaN/Inf refused)
+    retry_after_s: int = 1

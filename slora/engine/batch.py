@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from slora.config import BACKENDS
 from slora.engine.scheduler import ScheduledBatch
 from slora.kernels.lora import AdapterTokens, LoRABatch, TorchLoRA
 from slora.kernels.metadata import AttentionMetadata, ForwardBatch, LoRADelta, SlotTable
 from slora.lora.residency import AdapterResidency
-
-BACKENDS = ("torch", "triton")
-
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The kernels to run: `backend` when given, else Triton on CUDA and the torch reference elsewhere."""

@@ -225,7 +225,10 @@ class LLMEngine:
         request.output_token_ids.append(token)
         if result.top_logprobs is not None:
             request.logprobs.append({token: result.logprob, **result.top_logprobs})
-        reason = self._finish_reason(request, token)
+        ends_here = self._is_stop_token(request, token)
+        if not ends_here and request.detokenizer is not None:
+            request.detokenizer.add(token)  # a stop token is never part of the text
+        reason = "stop" if ends_here else self._limit_reason(request)
         if reason is not None:
             self.scheduler.finish(request, reason)
 
@@ -250,17 +253,17 @@ class LLMEngine:
             self._fail_group(group.request_id, f"request failed while reporting: {type(error).__name__}: {error}")
             return self._output(group)
 
-    def _finish_reason(self, request: Request, token: int) -> str | None:
+    def _is_stop_token(self, request: Request, token: int) -> bool:
         params = request.params
-        stops_here = token in (params.stop_token_ids or ()) or (
-            not params.ignore_eos and token in self.model_config.eos_token_ids
-        )
-        if stops_here and len(request.output_token_ids) > params.min_tokens:
+        stops = token in (params.stop_token_ids or ()) or (
+            not params.ignore_eos and token in self.model_config.eos_token_ids)
+        return stops and len(request.output_token_ids) > params.min_tokens
+
+    def _limit_reason(self, request: Request) -> str | None:
+        """Why a request that did not sample a stop token ends now, if it does."""
+        if request.detokenizer is not None and request.detokenizer.stopped:
             return "stop"
-        if request.detokenizer is not None:
-            request.detokenizer.add(token)
-            if request.detokenizer.stopped:
-                return "stop"
+        params = request.params
         if params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
             return "length"
         if request.num_tokens >= self.max_model_len:

@@ -94,8 +94,7 @@ class AdapterResidency:
         """Drop every copy of a removed adapter; the caller checked that no request uses it."""
         adapter = self._resident.get(name)
         if adapter is not None:
-            self._evict(adapter)
-            self.stats.evictions -= 1  # removal is not an eviction
+            self._release_slots(adapter)
         self._layouts.pop(name, None)
         self.store.drop(name)
 
@@ -114,9 +113,12 @@ class AdapterResidency:
         return adapter
 
     def _evict(self, adapter: ResidentAdapter) -> None:
+        self._release_slots(adapter)
+        self.stats.evictions += 1
+
+    def _release_slots(self, adapter: ResidentAdapter) -> None:
         del self._resident[adapter.name]
         self.pool.free(adapter.slot_ids, "adapter")
-        self.stats.evictions += 1
 
     def resident_names(self) -> list[str]:
         return list(self._resident)

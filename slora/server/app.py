@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from slora.config import EngineConfig, LoRAConfig
+from slora.config import EngineConfig, LoRAConfig, ServerOptions
 from slora.engine.engine import LLMEngine, RequestError, UnknownAdapterError
 from slora.engine.sampling_params import SamplingParams
 from slora.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError
@@ -61,21 +61,6 @@ GREEDY_BELOW = 1e-5  # a smaller positive temperature is greedy (dividing by it 
 MIN_TOP_P = 1e-6  # a smaller top_p (0 in float32) means the same: only the most likely token
 MAX_TEMPERATURE = 1e4
 REPETITION_PENALTY_RANGE = (1e-4, 1e4)  # outside it the penalised logits overflow float32
-
-
-@dataclass
-class ServerOptions:
-    served_model_name: str | None = None  # default: the model's folder name
-    api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1/* when set
-    adapter_root: str | None = None  # run-time adapter loading only from inside it; off when None
-    max_queue: int | None = 1024  # sequences that may wait beyond max_num_seqs (503 beyond); None = no limit
-    max_prompt_tokens: int | None = None  # tokens of one prompt; None = the context less one
-    max_total_tokens: int | None = None  # prompt + max_tokens of one prompt; None = the context
-    max_n: int = 16  # completions per prompt
-    max_body_size: int = 4 << 20  # bytes of a request body; more is 413, refused before parsing
-    max_concurrency_per_key: int | None = 256  # generation calls in flight per API key (429 beyond); None = no limit
-    check_adapter_weights: bool = True  # read every start-up adapter's weights at start (NaN/Inf refused)
-    retry_after_s: int = 1
 
 
 def build_app(engine_or_config: LLMEngine | EngineConfig, options: ServerOptions | None = None) -> FastAPI:
