@@ -33,7 +33,6 @@ import torch  # noqa: E402
 from slora.bench import kernels as bench  # noqa: E402
 from slora.kernels import attention, triton_attention  # noqa: E402
 from slora.kernels.lora import LoRABatch, TorchLoRA  # noqa: E402
-from slora.kernels.metadata import AttentionMetadata, SlotTable  # noqa: E402
 from slora.kernels.triton_lora import TritonLoRA  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -93,20 +92,8 @@ def attention_check(name: str, shape: tuple[int, int, int], query_lens: list[int
     start = time.time()
     heads, kv_heads, head_dim = shape
     generator = torch.Generator().manual_seed(seed)
-    num_slots = sum(context_lens) + 100
-    pool = torch.randn(num_slots, 2, kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
-    order = torch.randperm(num_slots, generator=generator)
-    slots, starts, mapping, used = [], [], [], 0
-    for query_len, context_len in zip(query_lens, context_lens):
-        slots.append(order[used : used + context_len].tolist())
-        used += context_len
-        starts.append(len(mapping))
-        mapping += slots[-1][context_len - query_len :]
-    meta = AttentionMetadata(torch.tensor(mapping, device=DEVICE), starts, list(query_lens),
-                             [torch.tensor(s, device=DEVICE) for s in slots], head_dim**-0.5,
-                             SlotTable.build(starts, list(query_lens), slots, DEVICE))
-    q = torch.randn(len(mapping), heads, head_dim, generator=generator).to(DEVICE, dtype)
-    k, v = (torch.randn(len(mapping), kv_heads, head_dim, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    pool, meta, q, k, v = bench.random_attention_batch(query_lens, context_lens, heads, kv_heads, head_dim, dtype,
+                                                       DEVICE, generator, spare_slots=100)
     reference_pool, triton_pool = pool.clone(), pool.clone()
     expected = attention.paged_attention(q, k, v, reference_pool, meta)
     out = triton_attention.paged_attention(q, k, v, triton_pool, meta, num_splits=num_splits)

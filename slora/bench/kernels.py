@@ -435,12 +435,12 @@ def _adapter_ids(batch: LoRABatch, distinct: dict[int, ResidentAdapter]) -> list
     return [by_identity[id(adapter)] for adapter in batch.adapters]
 
 
-def attention_case(case: str, query_lens: list[int], context_lens: list[int], config: ModelConfig,
-                   dtype: torch.dtype, device: torch.device, measure, generator: torch.Generator) -> list[Result]:
-    from slora.kernels import attention, triton_attention
-
-    heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-    num_slots = sum(context_lens)
+def random_attention_batch(query_lens: list[int], context_lens: list[int], num_heads: int, kv_heads: int,
+                           head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                           generator: torch.Generator, spare_slots: int = 0):
+    """A random pool and sequences whose slots are scattered over it (the last `query_len` of each
+    context are new tokens); returns (pool, metadata with a slot table, q, k, v of the new tokens)."""
+    num_slots = sum(context_lens) + spare_slots
     pool = torch.randn(num_slots, 2, kv_heads, head_dim, generator=generator).to(device, dtype)
     order = torch.randperm(num_slots, generator=generator)
     slots, starts, mapping, used = [], [], [], 0
@@ -448,13 +448,23 @@ def attention_case(case: str, query_lens: list[int], context_lens: list[int], co
         slots.append(order[used : used + context_len].tolist())
         used += context_len
         starts.append(len(mapping))
-        mapping += slots[-1][context_len - query_len :]
+        mapping += slots[-1][context_len - query_len :]  # the prefix is already in the pool
     meta = AttentionMetadata(torch.tensor(mapping, device=device), starts, list(query_lens),
                              [torch.tensor(s, device=device) for s in slots], head_dim**-0.5,
                              SlotTable.build(starts, list(query_lens), slots, device))
-    tokens = len(mapping)
-    q = torch.randn(tokens, heads, head_dim, generator=generator).to(device, dtype)
-    k, v = (torch.randn(tokens, kv_heads, head_dim, generator=generator).to(device, dtype) for _ in range(2))
+    q = torch.randn(len(mapping), num_heads, head_dim, generator=generator).to(device, dtype)
+    k, v = (torch.randn(len(mapping), kv_heads, head_dim, generator=generator).to(device, dtype) for _ in range(2))
+    return pool, meta, q, k, v
+
+
+def attention_case(case: str, query_lens: list[int], context_lens: list[int], config: ModelConfig,
+                   dtype: torch.dtype, device: torch.device, measure, generator: torch.Generator) -> list[Result]:
+    from slora.kernels import attention, triton_attention
+
+    heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+    pool, meta, q, k, v = random_attention_batch(query_lens, context_lens, heads, kv_heads, head_dim, dtype, device,
+                                                 generator)
+    tokens = q.shape[0]
     element = pool.element_size()
     num_bytes = (sum(context_lens) * 2 * kv_heads * head_dim + 2 * tokens * heads * head_dim
                  + 2 * tokens * kv_heads * head_dim) * element

@@ -12,6 +12,7 @@ import gc
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,24 +106,31 @@ class BenchSession:
         names = adapter_names if adapter_names is not None else wl.distinct_adapters(requests)
         record = {"system": system, "mode": mode, "num_adapters": num_adapters, "request_rate": request_rate,
                   "label": label, "workload": wl.summary(requests), "status": "ok", "reason": None}
-        started = time.perf_counter()
-        try:
+        with self._recorded(record, f"{system} {mode} n={num_adapters}"):
             if system == "peft":
                 self._run_peft(record, requests, mode)
             else:
                 limits = (self.options.time_limit if time_limit is None else time_limit,
                           self.options.drain_timeout if drain_timeout is None else drain_timeout)
                 self._run_engine(record, system, requests, mode, names, *limits)
+        return record
+
+    @contextmanager
+    def _recorded(self, record: dict, what: str):
+        """Run one measurement into `record`: a failure marks it (one system failing must not lose the
+        others' results), memory is freed, and the record joins the run's list either way."""
+        started = time.perf_counter()
+        try:
+            yield
         except NotAvailable as error:
             record["status"], record["reason"] = "not available", str(error)
-        except Exception as error:  # one system failing must not lose the others' results
-            logger.error("%s %s n=%s failed:\n%s", system, mode, num_adapters, traceback.format_exc())
+        except Exception as error:
+            logger.error("%s failed:\n%s", what, traceback.format_exc())
             record["status"], record["reason"] = "failed", f"{type(error).__name__}: {error}"
         finally:
             self._free_memory()
-        record["wall_s"] = time.perf_counter() - started
-        self.runs.append(record)
-        return record
+            record["wall_s"] = time.perf_counter() - started
+            self.runs.append(record)
 
     def skip(self, system: str, mode: str, num_adapters: int, request_rate: float | None, reason: str,
              label: str = "") -> dict:
@@ -183,8 +191,7 @@ class BenchSession:
         roofline; adapters are assigned round-robin, so the batch's adapters are all distinct."""
         record = {"system": system, "mode": "decode-probe", "num_adapters": num_adapters, "request_rate": None,
                   "label": "", "status": "ok", "reason": None}
-        started = time.perf_counter()
-        try:
+        with self._recorded(record, "decode probe"):
             engine = self._engine(engine_config_overrides(system))
             adapters = self.adapters_for(adapter_names) if adapter_names else AdapterSet()
             self._register(engine, adapters)
@@ -199,15 +206,6 @@ class BenchSession:
             if not steps:
                 record["status"], record["reason"] = "failed", f"no pure decode step at batch {size}: {info}"
             del engine
-        except NotAvailable as error:
-            record["status"], record["reason"] = "not available", str(error)
-        except Exception as error:
-            logger.error("decode probe failed:\n%s", traceback.format_exc())
-            record["status"], record["reason"] = "failed", f"{type(error).__name__}: {error}"
-        finally:
-            self._free_memory()
-        record["wall_s"] = time.perf_counter() - started
-        self.runs.append(record)
         return record
 
     # --- helpers -----------------------------------------------------------------------------------

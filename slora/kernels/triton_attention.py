@@ -30,6 +30,35 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_block(q, k_base, table, n0, key_end, positions, offs_d, d_mask, stride_slot, stride_kv, qk_scale,
+                  m_i, l_i, acc, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_MODE: tl.constexpr):
+    """One block of keys of the online softmax (scores in the log2 domain): returns the new m, l, acc.
+
+    Keys `[n0, n0 + BLOCK_N)` below `key_end` are read through the slot table; with CAUSAL, query
+    row i only sees keys at or before `positions[i]`.
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < key_end
+    slots = tl.load(table + offs_n, mask=n_mask, other=0).to(tl.int64)
+    k = tl.load(k_base + slots[None, :] * stride_slot + offs_d[:, None],
+                mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+    scores = dot(q, k.to(q.dtype), DOT_MODE) * qk_scale
+    if CAUSAL:
+        visible = (offs_n[None, :] <= positions[:, None]) & n_mask[None, :]
+    else:
+        visible = n_mask[None, :]
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(k_base + stride_kv + slots[:, None] * stride_slot + offs_d[None, :],
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_MODE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill(q_ptr, o_ptr, kv_ptr, slots_ptr, context_lens_ptr, query_starts_ptr, query_lens_ptr,
              stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_kv, stride_kvh, stride_table,
              qk_scale, head_dim, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -57,22 +86,8 @@ def _prefill(q_ptr, o_ptr, kv_ptr, slots_ptr, context_lens_ptr, query_starts_ptr
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, key_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < key_end
-        slots = tl.load(table + offs_n, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(k_base + slots[None, :] * stride_slot + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        scores = dot(q, k.to(q.dtype), DOT_MODE) * qk_scale  # log2 domain
-        visible = (offs_n[None, :] <= positions[:, None]) & n_mask[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(k_base + stride_kv + slots[:, None] * stride_slot + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_MODE)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k_base, table, n0, key_end, positions, offs_d, d_mask, stride_slot,
+                                      stride_kv, qk_scale, m_i, l_i, acc, BLOCK_N, True, DOT_MODE)
     out = acc / l_i[:, None]
     tl.store(o_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
@@ -103,21 +118,8 @@ def _decode(q_ptr, o_ptr, partial_o_ptr, partial_lse_ptr, kv_ptr, slots_ptr, con
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        slots = tl.load(table + offs_n, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(k_base + slots[None, :] * stride_slot + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        scores = dot(q, k.to(q.dtype), DOT_MODE) * qk_scale
-        scores = tl.where(n_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(k_base + stride_kv + slots[:, None] * stride_slot + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_MODE)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k_base, table, n0, end, end, offs_d, d_mask, stride_slot,
+                                      stride_kv, qk_scale, m_i, l_i, acc, BLOCK_N, False, DOT_MODE)
     if NUM_SPLITS == 1:
         tl.store(o_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])

@@ -229,16 +229,26 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
     return LoRAKernelConfig(block_m, block_r, block_k, block_n, split_k, m_splits, num_warps)
 
 
-def shrink(x: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, module: str, v: torch.Tensor,
-           form: str = "segment", config: LoRAKernelConfig | None = None) -> None:
-    """`v[i, :r] = x[token i] @ A^T` for every LoRA token i of the batch (float32 `v`)."""
+def _plan(kind: str, form: str, batch: LoRABatch, rows: torch.Tensor, layer: int, module: str,
+          config: LoRAKernelConfig | None):
+    """(module index, max rank, row shape, launch config) of one (layer, module); None if no token needs it."""
     m = MODULE_INDEX[module]
     max_rank = batch.max_ranks[layer][m]
     if max_rank == 0 or batch.num_tokens == 0:
-        return
+        return None
     shape = batch.module_rows[module]
+    features = shape.in_features if kind == "shrink" else shape.out_features
+    return m, max_rank, shape, choose_config(kind, form, batch, features, max_rank, rows.shape[1], rows.device, config)
+
+
+def shrink(x: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, module: str, v: torch.Tensor,
+           form: str = "segment", config: LoRAKernelConfig | None = None) -> None:
+    """`v[i, :r] = x[token i] @ A^T` for every LoRA token i of the batch (float32 `v`)."""
+    plan = _plan("shrink", form, batch, rows, layer, module, config)
+    if plan is None:
+        return
+    m, max_rank, shape, c = plan
     kv_dim = rows.shape[1]
-    c = choose_config("shrink", form, batch, shape.in_features, max_rank, kv_dim, x.device, config)
     k_per_split = triton.cdiv(triton.cdiv(shape.in_features, c.split_k), c.block_k) * c.block_k
     split_k = triton.cdiv(shape.in_features, k_per_split)
     if split_k > 1:
@@ -261,13 +271,11 @@ def shrink(x: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, mo
 def expand(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, module: str,
            form: str = "segment", config: LoRAKernelConfig | None = None) -> None:
     """`y[token i] += s * v[i, :r] @ B^T` in place, for every LoRA token i of the batch."""
-    m = MODULE_INDEX[module]
-    max_rank = batch.max_ranks[layer][m]
-    if max_rank == 0 or batch.num_tokens == 0:
+    plan = _plan("expand", form, batch, rows, layer, module, config)
+    if plan is None:
         return
-    shape = batch.module_rows[module]
+    m, _, shape, c = plan
     kv_dim = rows.shape[1]
-    c = choose_config("expand", form, batch, shape.out_features, max_rank, kv_dim, y.device, config)
     n_tiles = triton.cdiv(shape.out_features, c.block_n)
     common = (rows, batch.row_table, batch.b_offsets[m], batch.ranks[layer, m], batch.scalings[layer, m],
               batch.token_indices)

@@ -6,39 +6,19 @@ import pytest
 import torch
 
 from slora.kernels import attention, triton_attention
-from slora.kernels.metadata import AttentionMetadata, SlotTable
+from slora.bench.kernels import random_attention_batch
+from slora.kernels.metadata import SlotTable
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
-def _batch(query_lens: list[int], context_lens: list[int], num_heads: int, kv_heads: int, head_dim: int,
-           dtype: torch.dtype, device: torch.device, seed: int, with_table: bool):
-    """A random pool, sequences whose slots are scattered over it, and their new tokens' q/k/v."""
-    generator = torch.Generator().manual_seed(seed)
-    num_slots = sum(context_lens) + 37
-    pool = torch.randn(num_slots, 2, kv_heads, head_dim, generator=generator).to(device, dtype)
-    order = torch.randperm(num_slots, generator=generator)
-    context_slots, query_starts, slot_mapping, used = [], [], [], 0
-    for query_len, context_len in zip(query_lens, context_lens):
-        slots = order[used : used + context_len]
-        used += context_len
-        context_slots.append(slots.to(device))
-        query_starts.append(len(slot_mapping))
-        slot_mapping.extend(slots[context_len - query_len :].tolist())  # the prefix is already in the pool
-    meta = AttentionMetadata(torch.tensor(slot_mapping, device=device), query_starts, query_lens, context_slots,
-                             scale=head_dim**-0.5)
-    if with_table:
-        meta.slot_table = SlotTable.build(query_starts, query_lens, [s.tolist() for s in context_slots], device)
-    tokens = len(slot_mapping)
-    q, k, v = (torch.randn(tokens, heads, head_dim, generator=generator).to(device, dtype)
-               for heads in (num_heads, kv_heads, kv_heads))
-    return pool, meta, q, k, v
-
-
 def _compare(query_lens, context_lens, num_heads, kv_heads, head_dim=16, dtype=torch.float32, device="cpu",
              seed=0, num_splits=None, with_table=True):
-    pool, meta, q, k, v = _batch(query_lens, context_lens, num_heads, kv_heads, head_dim, dtype, device, seed,
-                                 with_table)
+    generator = torch.Generator().manual_seed(seed)
+    pool, meta, q, k, v = random_attention_batch(query_lens, context_lens, num_heads, kv_heads, head_dim, dtype,
+                                                 device, generator, spare_slots=37)
+    if not with_table:
+        meta.slot_table = None
     reference_pool, triton_pool = pool.clone(), pool.clone()
     reference = attention.paged_attention(q, k, v, reference_pool, meta)
     out = triton_attention.paged_attention(q, k, v, triton_pool, meta, num_splits=num_splits)
