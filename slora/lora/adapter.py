@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 
 from slora.config import ModelConfig
 
@@ -152,23 +153,27 @@ def load_adapter_weights(spec: AdapterSpec, model: ModelConfig) -> dict[tuple[in
     """Read every (layer, module)'s A and B as float32; check shapes again and that values are finite."""
     shapes = model.module_shapes()
     weights: dict[tuple[int, str], LoRAWeights] = {}
-    with _open_safetensors(spec.weights_file) as f:
-        for (layer, module), (name_a, name_b) in spec.tensor_names.items():
-            r = spec.rank(layer, module)
-            (in_features, out_features) = shapes[module]
-            factors = []
-            for tensor_name, expected in ((name_a, (r, in_features)), (name_b, (out_features, r))):
-                try:
-                    tensor = f.get_tensor(tensor_name).to(torch.float32).contiguous()
-                except Exception as err:  # noqa: BLE001 - the file changed or is corrupt
-                    raise AdapterError(spec.weights_file, f"cannot read tensor {tensor_name}: {err}") from err
-                if tuple(tensor.shape) != expected:
-                    raise AdapterError(spec.weights_file, f"tensor {tensor_name} has shape "
-                                       f"{list(tensor.shape)}, expected {list(expected)}")
-                if not torch.isfinite(tensor).all():
-                    raise AdapterError(spec.weights_file, f"tensor {tensor_name} has non-finite values (NaN/Inf)")
-                factors.append(tensor)
-            weights[(layer, module)] = LoRAWeights(A=factors[0], B=factors[1], scaling=spec.scaling(layer, module))
+    # One read of the whole file: safetensors 0.8's per-tensor reads (get_tensor, slices, load_file)
+    # leak a little memory per tensor, which adds up when adapters are loaded and evicted all day.
+    try:
+        tensors = load_safetensors_bytes(spec.weights_file.read_bytes())
+    except Exception as err:  # noqa: BLE001 - the file changed, vanished or is corrupt
+        raise AdapterError(spec.weights_file, f"cannot read the tensors: {err}") from err
+    for (layer, module), (name_a, name_b) in spec.tensor_names.items():
+        r = spec.rank(layer, module)
+        (in_features, out_features) = shapes[module]
+        factors = []
+        for tensor_name, expected in ((name_a, (r, in_features)), (name_b, (out_features, r))):
+            if tensor_name not in tensors:
+                raise AdapterError(spec.weights_file, f"tensor {tensor_name} is missing (the file changed)")
+            tensor = tensors[tensor_name].to(torch.float32).contiguous()
+            if tuple(tensor.shape) != expected:
+                raise AdapterError(spec.weights_file, f"tensor {tensor_name} has shape "
+                                   f"{list(tensor.shape)}, expected {list(expected)}")
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(spec.weights_file, f"tensor {tensor_name} has non-finite values (NaN/Inf)")
+            factors.append(tensor)
+        weights[(layer, module)] = LoRAWeights(A=factors[0], B=factors[1], scaling=spec.scaling(layer, module))
     return weights
 
 

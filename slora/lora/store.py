@@ -2,8 +2,8 @@
 
 Loading an adapter into the pool is then one copy of ready rows. The store keeps at most
 `max_adapters` packed copies (least recently used dropped first); a dropped adapter is read again
-from its safetensors file, which the OS memory-maps, so the registry can hold far more adapters
-than host memory. On a GPU host the copies are pinned, so that copies to the device are async.
+from its safetensors file (the disk tier), so the registry can hold far more adapters than host
+memory. On a GPU host the copies are pinned, so that copies to the device are async.
 """
 
 from __future__ import annotations
