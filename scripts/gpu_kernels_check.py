@@ -5,7 +5,8 @@
 
 Run on a CUDA machine (torch + triton; pytest optional; no fastapi/gguf needed). Writes to OUT_DIR:
 - checks.md / checks.json: every Triton kernel against the torch reference at Llama-2-7B and
-  Llama-3-8B (GQA) shapes: mixed ranks 8..128 in one batch, segments of 1 to 700 tokens, shuffled
+  Llama-3-8B (GQA) shapes: the fused small ops; LoRA on the model's fused projections (q/k/v,
+  gate/up) and single ones, mixed ranks 8..128 in one batch, segments of 1 to 700 tokens, shuffled
   pool rows and slots, fp16/bf16/fp32, GQA 1/4/8, decode contexts up to 16k with and without splits;
 - pytest.txt: `pytest tests/kernels` run compiled on the GPU (TRITON_INTERPRET unset);
 - bench-<shape>/kernels.json and kernels.md: `slora bench kernels --sweep` for each shape (the
@@ -75,13 +76,13 @@ def lora_check(name: str, shape: str, modules: tuple[str, ...], segments: list[i
     torch_lora = TorchLoRA([pool], groups)
     triton_lora = TritonLoRA([pool], LoRABatch.build(groups, 1, DEVICE), form=form)
     shapes, error, reference_error = config.module_shapes(), 0.0, 0.0
-    for module in modules:
-        x = torch.randn(len(token_adapters), shapes[module][0], generator=generator).to(DEVICE, dtype)
-        before = torch.randn(len(token_adapters), shapes[module][1], generator=generator).to(DEVICE, dtype)
+    for projection in bench.projections_of(config, modules):  # fused as the model runs them
+        x = torch.randn(len(token_adapters), shapes[projection.modules[0]][0], generator=generator).to(DEVICE, dtype)
+        before = torch.randn(len(token_adapters), sum(projection.widths), generator=generator).to(DEVICE, dtype)
         exact, expected, y = before.to(torch.float32, copy=True), before.clone(), before.clone()
-        exact_lora.add_delta(exact, x.float(), 0, module)
-        torch_lora.add_delta(expected, x, 0, module)
-        triton_lora.add_delta(y, x, 0, module)
+        exact_lora.add_delta(exact, x.float(), 0, projection)
+        torch_lora.add_delta(expected, x, 0, projection)
+        triton_lora.add_delta(y, x, 0, projection)
         delta = (exact - before.float()).abs().max().item()
         error = max(error, (y.float() - exact).abs().max().item() / delta)
         reference_error = max(reference_error, (expected.float() - exact).abs().max().item() / delta)
@@ -113,7 +114,51 @@ def attention_check(name: str, shape: tuple[int, int, int], query_lens: list[int
     record(f"attention {name}{splits}", dtype, error, ATTENTION_TOLERANCE[dtype], time.time() - start)
 
 
+def fused_ops_check(shape: str, tokens: int, dtype: torch.dtype, seed: int = 0) -> None:
+    """RMSNorm with residual, rotary + K/V write, SiLU-and-mul at a model's shapes, against the torch model's ops."""
+    import torch.nn.functional as F
+
+    from slora.kernels.attention import write_kv
+    from slora.kernels.triton_fused import add_rms_norm, rotate_and_write_kv, silu_and_mul
+    from slora.models.llama import RMSNorm, RotaryEmbedding
+
+    start = time.time()
+    config = bench.model_shape(shape)
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *size: torch.randn(*size, generator=generator).to(DEVICE, dtype)  # noqa: E731
+    errors = []
+
+    def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+        return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+    norm = RMSNorm(config.hidden_size, 1e-5).to(DEVICE, dtype)
+    norm.weight.data = 1 + randn(config.hidden_size)
+    x, residual = randn(tokens, config.hidden_size), randn(tokens, config.hidden_size)
+    out, new_residual = add_rms_norm(x, norm.weight, norm.eps, residual.clone())
+    errors += [relative(out, norm(residual + x)), 0.0 if torch.equal(new_residual, residual + x) else float("inf")]
+    rotary = RotaryEmbedding(config, 8192).to(DEVICE)
+    heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+    q, k, v = randn(tokens, heads, head_dim), randn(tokens, kv_heads, head_dim), randn(tokens, kv_heads, head_dim)
+    positions = torch.randint(0, 8192, (tokens,), generator=generator).to(DEVICE)
+    slots = torch.randperm(2 * tokens, generator=generator)[:tokens].to(DEVICE)
+    pool = randn(2 * tokens, 2, kv_heads, head_dim)
+    expected_q, expected_k = rotary(positions, q, k)
+    expected_pool = pool.clone()
+    write_kv(expected_pool, slots, expected_k, v)
+    rotate_and_write_kv(q, k, v, positions, rotary.cos, rotary.sin, pool, slots)
+    errors += [relative(q, expected_q), relative(pool, expected_pool)]
+    gate_up = 4 * randn(tokens, 2 * config.intermediate_size)
+    gate, up = gate_up.chunk(2, dim=-1)
+    errors.append(relative(silu_and_mul(gate_up), F.silu(gate) * up))
+    torch.cuda.synchronize()
+    record(f"fused ops {shape}: norm+residual, rotary+kv write, silu*up ({tokens} tokens)", dtype, max(errors),
+           ATTENTION_TOLERANCE[dtype], time.time() - start)
+
+
 def run_checks() -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        for shape in ("llama-2-7b", "llama-3-8b"):
+            fused_ops_check(shape, 300, dtype)
     qkvo = ("q_proj", "k_proj", "v_proj", "o_proj")
     mixed = [8, 16, 32, 64, 128, 8, 24, 40]
     decode_ranks = [mixed[j % len(mixed)] for j in range(64)]
@@ -126,7 +171,7 @@ def run_checks() -> None:
         lora_check("7B gate/up/down prefill: segments 1, 7, 300, 700, ranks 128..8", "llama-2-7b",
                    ("gate_proj", "up_proj", "down_proj"), [1, 7, 300, 700], [128, 64, 8, 16], dtype, "segment")
         lora_check("8B (kv_dim 1024: 4-14 chunks a row) all modules, mixed", "llama-3-8b",
-                   qkvo + ("gate_proj", "down_proj"), [1, 3, 130, 2, 260], [8, 128, 16, 64, 32], dtype, "segment")
+                   qkvo + ("gate_proj", "up_proj", "down_proj"), [1, 3, 130, 2, 260], [8, 128, 16, 64, 32], dtype, "segment")
     lora_check("7B gate/up/down prefill: segments 1, 7, 300, 700", "llama-2-7b",
                ("gate_proj", "up_proj", "down_proj"), [1, 7, 300, 700], [128, 64, 8, 16], torch.bfloat16, "token")
     lora_check("7B q/k/v/o mixed", "llama-2-7b", qkvo, [1, 5, 200], [8, 128, 33], torch.float32, "segment")

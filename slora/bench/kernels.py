@@ -2,8 +2,9 @@
 
 For one model shape (Llama-2-7B by default) and dtype, on synthetic weights in shuffled pool rows:
 
-- LoRA decode (256 tokens, 64 distinct adapters, ranks 8..64, q/k/v/o of one layer) and LoRA
-  prefill (long segments): the Triton segment (MBGMM) and token (MBGMV) forms, the torch reference,
+- LoRA decode (256 tokens of 64 distinct adapters, and of 256; ranks 8..64; q/k/v/o of one layer,
+  q/k/v as the one fused projection the model runs) and LoRA prefill (long segments): the Triton
+  segment (MBGMM) and token (MBGMV) forms, the torch reference,
   and the ablations: `gather_bmm` (gather every token's adapter rows from the pool into a batch
   padded to the largest rank, then `torch.bmm`), `padded_bmm` (weights stored contiguously, padded
   to the largest rank, gathered per token, then `torch.bmm`) and `triton_padded` (the segment
@@ -36,10 +37,11 @@ from pathlib import Path
 import torch
 
 from slora.config import ModelConfig
-from slora.kernels.lora import AdapterTokens, LoRABatch, TorchLoRA
-from slora.kernels.metadata import AttentionMetadata, SlotTable
+from slora.kernels.lora import AdapterTokens, LoRABatch, ModuleByModule, TorchLoRA
+from slora.kernels.metadata import AttentionMetadata, Projection, SlotTable
 from slora.lora.layout import ModuleRows, RowLayout
 from slora.lora.residency import ResidentAdapter
+from slora.models.llama import layer_projections
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -64,6 +66,7 @@ class Settings:
     dtype: str = "float16"
     decode_tokens: int = 256
     decode_adapters: int = 64
+    decode_adapters_all_distinct: bool = True  # also the decode case of one token per adapter
     ranks: tuple[int, ...] = (8, 16, 32, 64)
     prefill_segments: tuple[int, ...] = (512, 512, 256, 256, 128, 128, 64, 64)  # tokens per adapter
     contexts: tuple[int, ...] = (1024, 4096)
@@ -232,6 +235,11 @@ def padded_copies(adapters: list[ResidentAdapter], max_rank: int, rows: torch.Te
     return copies
 
 
+def projections_of(config: ModelConfig, modules: tuple[str, ...]) -> list[Projection]:
+    """The model's projections (fused as the model runs them) that consist of `modules`."""
+    return [p for p in layer_projections(config).values() if set(p.modules) <= set(modules)]
+
+
 def adapter_rows_needed(ranks: list[int], config: ModelConfig, modules: tuple[str, ...]) -> int:
     shapes, kv_dim = config.module_shapes(), config.kv_dim
     return sum(r * (math.ceil(shapes[m][0] / kv_dim) + math.ceil(shapes[m][1] / kv_dim)) for r in ranks for m in modules)
@@ -245,7 +253,7 @@ def groups_of(token_adapters: list[int], adapters: list[ResidentAdapter], device
 
 
 # --- the ablations ------------------------------------------------------------------------------------
-class GatherBmm:
+class GatherBmm(ModuleByModule):
     """S-LoRA's first ablation: gather each token's adapter rows from the pool (padded to the largest
     rank with a zero row) into one batch, then two `torch.bmm`. The gather is paid at every op."""
 
@@ -272,7 +280,7 @@ class GatherBmm:
             self.shapes[module] = (m.in_features, m.out_features, m.a_chunks, m.b_chunks)
             self.scaling[module] = scaling[self.tokens][:, None, None]
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+    def add_module_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
         in_features, out_features, a_chunks, b_chunks = self.shapes[module]
         n, kv_dim = self.tokens.numel(), self.rows.shape[1]
         a = self.rows[self.a_index[module]].view(n, self.max_rank, a_chunks * kv_dim)[:, :, :in_features]
@@ -281,7 +289,7 @@ class GatherBmm:
         y[self.tokens] += (self.scaling[module] * torch.bmm(v, b_t)).squeeze(1)
 
 
-class PaddedBmm:
+class PaddedBmm(ModuleByModule):
     """S-LoRA's second ablation: every adapter's weights stored contiguously, padded to the largest
     rank; each op gathers the tokens' adapters from that store and runs two `torch.bmm`."""
 
@@ -300,7 +308,7 @@ class PaddedBmm:
             self.a[module] = a[:, :, :in_features].contiguous()
             self.b_t[module] = b_t[:, :, :out_features].contiguous()
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+    def add_module_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
         tokens = self.gather.tokens
         a, b_t = self.a[module][self.token_adapter], self.b_t[module][self.token_adapter]
         v = torch.bmm(x[tokens].unsqueeze(1), a.transpose(1, 2))
@@ -336,8 +344,10 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
     groups = groups_of(token_adapters, adapters, device)
     padded_groups = groups_of(token_adapters, padded, device)
     shapes = config.module_shapes()
-    xs = {m: torch.randn(num_tokens, shapes[m][0], generator=generator).to(device, dtype) for m in modules}
-    y0 = {m: torch.randn(num_tokens, shapes[m][1], generator=generator).to(device, dtype) for m in modules}
+    projections = projections_of(config, modules)
+    xs = {p: torch.randn(num_tokens, shapes[p.modules[0]][0], generator=generator).to(device, dtype)
+          for p in projections}
+    y0 = {p: torch.randn(num_tokens, sum(p.widths), generator=generator).to(device, dtype) for p in projections}
     gather = GatherBmm(rows, groups, num_tokens, 0, modules)
     methods = {
         "torch_reference": TorchLoRA([pool], groups),
@@ -349,28 +359,28 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
     }
     distinct = {j: adapters[j] for j in set(token_adapters)}
     weight_elements = sum(ranks[j] * sum(shapes[m][0] + shapes[m][1] for m in modules) for j in distinct)
-    io_elements = num_tokens * sum(shapes[m][0] + 2 * shapes[m][1] for m in modules)
+    io_elements = num_tokens * sum(shapes[p.modules[0]][0] + 2 * sum(p.widths) for p in projections)
     num_bytes = (weight_elements + io_elements) * pool.element_size()
     flops = 2 * sum(ranks[a] for a in token_adapters) * sum(shapes[m][0] + shapes[m][1] for m in modules)
     expected = {}
-    for m in modules:
-        expected[m] = y0[m].clone()
-        methods["torch_reference"].add_delta(expected[m], xs[m], 0, m)
+    for p in projections:
+        expected[p] = y0[p].clone()
+        methods["torch_reference"].add_delta(expected[p], xs[p], 0, p)
     results = []
     for method, op in methods.items():
-        ys = {m: y0[m].clone() for m in modules}
+        ys = {p: y0[p].clone() for p in projections}
         error = 0.0
-        for m in modules:
-            op.add_delta(ys[m], xs[m], 0, m)
-            delta = (expected[m].float() - y0[m].float()).abs().max().item()
-            error = max(error, (ys[m].float() - expected[m].float()).abs().max().item() / max(delta, 1e-30))
+        for p in projections:
+            op.add_delta(ys[p], xs[p], 0, p)
+            delta = (expected[p].float() - y0[p].float()).abs().max().item()
+            error = max(error, (ys[p].float() - expected[p].float()).abs().max().item() / max(delta, 1e-30))
 
         def run(op=op, ys=ys) -> None:
-            for m in modules:
-                op.add_delta(ys[m], xs[m], 0, m)
+            for p in projections:
+                op.add_delta(ys[p], xs[p], 0, p)
 
         results.append(Result(case, method, measure(run), num_bytes, flops, max_error=error))
-    results += _lora_single_ops(case, methods, xs, y0, modules[0], ranks, distinct, shapes, measure, sweep)
+    results += _lora_single_ops(case, methods, xs, y0, projections[0], ranks, distinct, shapes, measure, sweep)
     return results
 
 
@@ -390,41 +400,46 @@ def _config_text(config) -> str:
     return ", ".join(f"{k}={v}" for k, v in asdict(config).items() if v is not None)
 
 
-def _lora_single_ops(case, methods, xs, y0, module, ranks, distinct, shapes, measure, sweep: bool) -> list[Result]:
-    """Shrink and expand alone, for the q_proj of both Triton forms: where the time goes. With `sweep`,
-    also the best of a grid of block sizes and splits for each (what the defaults should be)."""
-    from slora.kernels.triton_lora import choose_config, expand, shrink
+def _lora_single_ops(case, methods, xs, y0, projection: Projection, ranks, distinct, shapes, measure,
+                     sweep: bool) -> list[Result]:
+    """Shrink and expand alone, for the first projection (q/k/v fused) in both Triton forms: where the
+    time goes. With `sweep`, also the best of a grid of block sizes and splits for each."""
+    from slora.kernels.triton_lora import choose_config, expand, projection_max_rank, shrink
 
     results = []
-    in_features, out_features = shapes[module]
+    in_features, out_features = shapes[projection.modules[0]][0], sum(projection.widths)
+    name = "+".join(m.removesuffix("_proj") for m in projection.modules)
     for form in ("segment", "token"):
         op = methods[f"triton_{form}"]
-        batch, v, rows = op.batch, op._v, op.layers[0].view(-1, op.layers[0].shape[-2] * op.layers[0].shape[-1])
-        n, max_rank = batch.num_tokens, max(ranks)
+        batch, rows = op.batch, op.layers[0].view(-1, op.layers[0].shape[-2] * op.layers[0].shape[-1])
+        n, max_rank = batch.num_tokens, projection_max_rank(batch, 0, projection)
         token_ranks = sum(ranks[j] * (batch.segment_starts[i + 1] - batch.segment_starts[i]).item()
                           for i, j in enumerate(_adapter_ids(batch, distinct)))
-        element = rows.element_size()
-        weights_a = sum(ranks[j] for j in distinct) * in_features
-        weights_b = sum(ranks[j] for j in distinct) * out_features
-        y = y0[module].clone()
-        x = xs[module]
+        element, num_modules = rows.element_size(), len(projection.modules)
+        rank_sum = sum(ranks[j] for j in distinct)
+        weights_a, weights_b = rank_sum * in_features * num_modules, rank_sum * out_features
+        y, x = y0[projection].clone(), xs[projection]
+        shrunk = shrink(x, rows, batch, 0, projection, form)
+        v_bytes = shrunk.v.numel() * 4
         ops = {
-            "shrink": (lambda c: shrink(x, rows, batch, 0, module, v, form, c),
-                       (weights_a + n * in_features) * element + n * max_rank * 4, 2 * token_ranks * in_features,
-                       in_features),
-            "expand": (lambda c: expand(y, v, rows, batch, 0, module, form, c),
-                       (weights_b + 2 * n * out_features) * element + n * max_rank * 4,
-                       2 * token_ranks * out_features, out_features),
+            "shrink": (lambda c: shrink(x, rows, batch, 0, projection, form, c),
+                       (weights_a + n * in_features) * element + v_bytes, 2 * token_ranks * in_features * num_modules,
+                       in_features, num_modules),
+            "expand": (lambda c: expand(y, shrunk, rows, batch, 0, projection, form, c),
+                       (weights_b + 2 * n * out_features) * element + v_bytes, 2 * token_ranks * out_features,
+                       max(projection.widths), 1),
         }
-        for name, (launch, num_bytes, flops, features) in ops.items():
-            chosen = choose_config(name, form, batch, features, max_rank, rows.shape[1], rows.device)
-            method = f"triton_{form}_{name}[{module}]"
+        for op_name, (launch, num_bytes, flops, features, modules) in ops.items():
+            chosen = choose_config(op_name, form, batch, features, max_rank, rows.shape[1], rows.device,
+                                   num_modules=modules)
+            method = f"triton_{form}_{op_name}[{name}]"
             results.append(Result(case, method, measure(lambda: launch(None)), num_bytes, flops,
                                   config=_config_text(chosen)))
             if sweep:
-                timed = [(measure(lambda c=c: launch(c)), c) for c in _sweep_configs(name, form)]
+                timed = [(measure(lambda c=c: launch(c)), c) for c in _sweep_configs(op_name, form)]
                 best_time, best = min(timed, key=lambda pair: pair[0])
-                filled = choose_config(name, form, batch, features, max_rank, rows.shape[1], rows.device, best)
+                filled = choose_config(op_name, form, batch, features, max_rank, rows.shape[1], rows.device, best,
+                                       modules)
                 results.append(Result(case, f"{method} tuned ({len(timed)} configs)", best_time, num_bytes, flops,
                                       config=_config_text(filled)))
     return results
@@ -516,9 +531,17 @@ def run(settings: Settings, device: torch.device, log=print) -> Report:
     decode_adapters = [i % settings.decode_adapters for i in range(settings.decode_tokens)]
     order = torch.randperm(settings.decode_tokens, generator=generator).tolist()
     decode_adapters = [decode_adapters[i] for i in order]  # tokens of one adapter scattered in the batch
+    distinct_ranks = [settings.ranks[i % len(settings.ranks)] for i in range(settings.decode_tokens)]
     cases = [
         lambda: lora_case(f"lora_decode[{settings.decode_tokens} tokens, {settings.decode_adapters} adapters]",
                           decode_adapters, ranks, config, dtype, device, measure, generator, settings.sweep),
+    ]
+    if settings.decode_adapters_all_distinct:
+        cases.append(lambda: lora_case(
+            f"lora_decode[{settings.decode_tokens} tokens, {settings.decode_tokens} adapters]",
+            list(range(settings.decode_tokens)), distinct_ranks, config, dtype, device, measure, generator,
+            settings.sweep))
+    cases += [
         lambda: lora_case(f"lora_prefill[{sum(settings.prefill_segments)} tokens, "
                           f"{len(settings.prefill_segments)} adapters]",
                           [j for j, n in enumerate(settings.prefill_segments) for _ in range(n)],

@@ -89,7 +89,9 @@ def _lora_op(adapter_tokens: dict[str, list[int]], kv_cache: list[torch.Tensor],
              residency: AdapterResidency | None, device: torch.device, backend: str) -> LoRADelta | None:
     if not adapter_tokens:
         return None
-    groups = [AdapterTokens(residency.get(name), torch.tensor(tokens, dtype=torch.int64, device=device))
+    # Triton reads the groups' tokens as one table, copied to the device once: keep them on the host.
+    index_device = "cpu" if backend == "triton" else device
+    groups = [AdapterTokens(residency.get(name), torch.tensor(tokens, dtype=torch.int64, device=index_device))
               for name, tokens in adapter_tokens.items()]
     if backend == "triton":
         from slora.kernels.triton_lora import TritonLoRA  # Triton only where it is asked for

@@ -39,13 +39,3 @@ def paged_attention(
         )
         out[start : start + length] = attended.transpose(0, 1).to(q.dtype)
     return out
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
-           backend: str = "torch") -> torch.Tensor:
-    """`paged_attention` on the chosen backend: this reference, or the Triton kernels."""
-    if backend == "triton":
-        from slora.kernels import triton_attention  # imported on first use: Triton is optional
-
-        return triton_attention.paged_attention(q, k, v, kv_layer, meta)
-    return paged_attention(q, k, v, kv_layer, meta)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slora.lora.layout import ModuleRows
+from slora.kernels.metadata import Projection
 from slora.lora.residency import ResidentAdapter
 
 
@@ -71,7 +71,6 @@ class LoRABatch:
     segment_starts: torch.Tensor  # [num_adapters + 1] int32
     max_ranks: list[list[int]]  # [num_layers][num_modules], on the host: launch sizes, 0 = skip
     max_segment_len: int
-    module_rows: dict[str, ModuleRows]  # chunks and features of each targeted module (starts: per adapter)
 
     @property
     def num_tokens(self) -> int:
@@ -86,13 +85,11 @@ class LoRABatch:
         b_offsets = np.zeros((num_modules, num_adapters), dtype=np.int32)
         ranks = np.zeros((num_layers, num_modules, num_adapters), dtype=np.int32)
         scalings = np.zeros((num_layers, num_modules, num_adapters), dtype=np.float32)
-        module_rows: dict[str, ModuleRows] = {}
         row_offset = 0
         for j, adapter in enumerate(adapters):
             for module, rows in adapter.layout.modules.items():
                 a_offsets[MODULE_INDEX[module], j] = row_offset + rows.a_start
                 b_offsets[MODULE_INDEX[module], j] = row_offset + rows.b_start
-                module_rows.setdefault(module, rows)
             ranks[:, :, j], scalings[:, :, j] = _rank_tables(adapter, num_layers)
             row_offset += adapter.layout.num_rows
         lengths = np.array([group.token_indices.numel() for group in groups], dtype=np.int32)
@@ -108,7 +105,6 @@ class LoRABatch:
             segment_starts=to_device(starts),
             max_ranks=(ranks.max(axis=2) if num_adapters else np.zeros((num_layers, num_modules), int)).tolist(),
             max_segment_len=int(lengths.max(initial=0)),
-            module_rows=module_rows,
         )
 
 
@@ -131,14 +127,25 @@ def _rank_tables(adapter: ResidentAdapter, num_layers: int) -> tuple[np.ndarray,
     return ranks, scalings
 
 
-class TorchLoRA:
+class ModuleByModule:
+    """A `LoRADelta` that applies the modules of a projection one after another, each to its columns."""
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> None:
+        for module, columns in projection.columns(y):
+            self.add_module_delta(columns, x, layer, module)
+
+    def add_module_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+        raise NotImplementedError
+
+
+class TorchLoRA(ModuleByModule):
     """`LoRADelta` for one step: the batch's adapters and their tokens."""
 
     def __init__(self, layers: list[torch.Tensor], groups: list[AdapterTokens]):
         self.layers = layers
         self.groups = groups
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+    def add_module_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
         pool_rows = self.layers[layer].view(-1, self.layers[layer].shape[-2] * self.layers[layer].shape[-1])
         for group in self.groups:
             adapter = group.adapter

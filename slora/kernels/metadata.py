@@ -67,10 +67,28 @@ class AttentionMetadata:
     slot_table: SlotTable | None = None  # the same slots padded into one tensor (Triton backend)
 
 
-class LoRADelta(Protocol):
-    """The LoRA op contract: add `s_a * (x @ A_a^T) @ B_a^T` for each token's adapter to `y`."""
+@dataclass(frozen=True)
+class Projection:
+    """LoRA-targetable linears of one input run as one GEMM (q/k/v, gate/up, or one alone): module
+    `modules[i]`'s output is columns `[starts[i], starts[i] + widths[i])` of the GEMM's output."""
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None: ...
+    modules: tuple[str, ...]
+    widths: tuple[int, ...]
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in np.cumsum((0,) + self.widths[:-1]))
+
+    def columns(self, y: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Each module's output as a view of `y`."""
+        return [(m, y[:, s : s + w]) for m, s, w in zip(self.modules, self.starts, self.widths)]
+
+
+class LoRADelta(Protocol):
+    """The LoRA op contract: add `s_a * (x @ A_a^T) @ B_a^T` for each token's adapter to `y`, for
+    each module of the projection, into that module's columns of `y`."""
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> None: ...
 
 
 @dataclass

@@ -213,12 +213,11 @@ def slot_table_of(meta: AttentionMetadata) -> SlotTable:
     return SlotTable.build(meta.query_starts, meta.query_lens, [s.tolist() for s in meta.context_slots], device)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
-                    meta: AttentionMetadata, num_splits: int | None = None) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D] of the new tokens; returns [T, H, D] (as `attention.paged_attention`)."""
-    write_kv(kv_layer, meta.slot_mapping, k, v)
+def attend_pool(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+                num_splits: int | None = None) -> torch.Tensor:
+    """Attention of q ([T, H, D]) to each sequence's K/V already in the pool, new tokens' included."""
     q = q if q.stride(2) == 1 else q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     table = slot_table_of(meta)
     if table.slots.shape[0] == 0:
         return out
@@ -229,4 +228,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
     return out
 
 
-__all__ = ["decode", "decode_splits", "paged_attention", "prefill", "slot_table_of"]
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                    meta: AttentionMetadata, num_splits: int | None = None) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] of the new tokens; returns [T, H, D] (as `attention.paged_attention`)."""
+    write_kv(kv_layer, meta.slot_mapping, k, v)
+    return attend_pool(q, kv_layer, meta, num_splits)
+
+
+__all__ = ["attend_pool", "decode", "decode_splits", "paged_attention", "prefill", "slot_table_of"]

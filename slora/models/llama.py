@@ -16,14 +16,49 @@ from torch import nn
 
 from slora.config import ModelConfig
 from slora.kernels import attention
-from slora.kernels.metadata import ForwardBatch
+from slora.kernels.metadata import ForwardBatch, Projection
 
 
-def _project(linear: nn.Linear, x: torch.Tensor, batch: ForwardBatch, layer: int, name: str) -> torch.Tensor:
-    """A LoRA-targetable projection: the base linear, plus the batch's adapters' delta when it has any."""
-    y = linear(x)
+def layer_projections(config: ModelConfig) -> dict[str, Projection]:
+    """The GEMMs of a decoder layer: q/k/v and gate/up fused (one input each), o and down alone."""
+    h, i = config.hidden_size, config.intermediate_size
+    return {"qkv": Projection(("q_proj", "k_proj", "v_proj"), (config.q_dim, config.kv_dim, config.kv_dim)),
+            "o": Projection(("o_proj",), (h,)), "gate_up": Projection(("gate_proj", "up_proj"), (i, i)),
+            "down": Projection(("down_proj",), (h,))}
+
+
+def _fused_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for linears of one input, so that they run as one GEMM.
+
+    Made on first use by concatenating the linears' weights, which then become views of it: no
+    extra memory and the state dict keeps Hugging Face's names. Made again if a weight was replaced
+    (a state dict loaded with `assign=True`).
+    """
+    ptrs = [linear.weight.data_ptr() for linear in linears]
+    if owner.__dict__.get("_fused_ptrs") != ptrs:
+        with torch.inference_mode(False), torch.no_grad():
+            weight = torch.cat([linear.weight for linear in linears])
+            has_bias = linears[0].bias is not None
+            bias = torch.cat([linear.bias for linear in linears]) if has_bias else None
+            start = 0
+            for linear in linears:
+                rows = linear.weight.shape[0]
+                linear.weight.data = weight[start : start + rows]
+                if has_bias:
+                    linear.bias.data = bias[start : start + rows]
+                start += rows
+        owner.__dict__["_fused"] = (weight, bias)
+        owner.__dict__["_fused_ptrs"] = [linear.weight.data_ptr() for linear in linears]
+    return owner.__dict__["_fused"]
+
+
+def _project(owner: nn.Module, linears: tuple[nn.Linear, ...], projection: Projection, x: torch.Tensor,
+             batch: ForwardBatch, layer: int) -> torch.Tensor:
+    """LoRA-targetable linears of one input as one GEMM, plus the batch's adapters' deltas if any."""
+    weight, bias = _fused_weights(owner, linears) if len(linears) > 1 else (linears[0].weight, linears[0].bias)
+    y = F.linear(x, weight, bias)
     if batch.lora is not None:
-        batch.lora.add_delta(y, x, layer, name)
+        batch.lora.add_delta(y, x, layer, projection)
     return y
 
 
@@ -37,6 +72,16 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(norm(r), r)` with `r = residual + x` (or `x` at the first layer): one kernel on Triton."""
+        if backend == "triton":
+            from slora.kernels import triton_fused
+
+            return triton_fused.add_rms_norm(x, self.weight, self.eps, residual)
+        residual = x if residual is None else residual + x
+        return self(residual), residual
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -90,14 +135,26 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, config.kv_dim, bias=bias)
         self.v_proj = nn.Linear(h, config.kv_dim, bias=bias)
         self.o_proj = nn.Linear(config.q_dim, h, bias=False)
+        projections = layer_projections(config)
+        self.qkv, self.o = projections["qkv"], projections["o"]
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, batch: ForwardBatch) -> torch.Tensor:
-        q = _project(self.q_proj, x, batch, self.layer, "q_proj").view(-1, self.num_heads, self.head_dim)
-        k = _project(self.k_proj, x, batch, self.layer, "k_proj").view(-1, self.num_kv_heads, self.head_dim)
-        v = _project(self.v_proj, x, batch, self.layer, "v_proj").view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(batch.positions, q, k)
-        out = attention.attend(q, k, v, batch.kv_cache[self.layer], batch.attention, batch.backend)
-        return _project(self.o_proj, out.flatten(1), batch, self.layer, "o_proj")
+        qkv = _project(self, (self.q_proj, self.k_proj, self.v_proj), self.qkv, x, batch, self.layer)
+        q, k, v = qkv.split(self.qkv.widths, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        kv_layer = batch.kv_cache[self.layer]
+        if batch.backend == "triton":
+            from slora.kernels import triton_attention, triton_fused
+
+            triton_fused.rotate_and_write_kv(q, k, v, batch.positions, rotary.cos, rotary.sin, kv_layer,
+                                             batch.attention.slot_mapping)
+            out = triton_attention.attend_pool(q, kv_layer, batch.attention)
+        else:
+            q, k = rotary(batch.positions, q, k)
+            out = attention.paged_attention(q, k, v, kv_layer, batch.attention)
+        return _project(self, (self.o_proj,), self.o, out.flatten(1), batch, self.layer)
 
 
 class MLP(nn.Module):
@@ -107,11 +164,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        projections = layer_projections(config)
+        self.gate_up, self.down = projections["gate_up"], projections["down"]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate = _project(self.gate_proj, x, batch, self.layer, "gate_proj")
-        up = _project(self.up_proj, x, batch, self.layer, "up_proj")
-        return _project(self.down_proj, F.silu(gate) * up, batch, self.layer, "down_proj")
+        gate_up = _project(self, (self.gate_proj, self.up_proj), self.gate_up, x, batch, self.layer)
+        if batch.backend == "triton":
+            from slora.kernels import triton_fused
+
+            activated = triton_fused.silu_and_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            activated = F.silu(gate) * up
+        return _project(self, (self.down_proj,), self.down, activated, batch, self.layer)
 
 
 class DecoderLayer(nn.Module):
@@ -122,9 +187,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, batch)
-        return x + self.mlp(self.post_attention_layernorm(x), batch)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryEmbedding,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the next norm adds the two."""
+        normed, residual = self.input_layernorm.add_and_norm(x, residual, batch.backend)
+        x = self.self_attn(normed, rotary, batch)
+        normed, residual = self.post_attention_layernorm.add_and_norm(x, residual, batch.backend)
+        return self.mlp(normed, batch), residual
 
 
 class Decoder(nn.Module):
@@ -149,8 +218,9 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        x = self.model.embed_tokens(batch.input_ids)
+        x, residual = self.model.embed_tokens(batch.input_ids), None
         for layer in self.model.layers:
-            x = layer(x, self.rotary, batch)
-        x = self.model.norm(x[batch.logits_indices])
+            x, residual = layer(x, residual, self.rotary, batch)
+        rows = batch.logits_indices
+        x, _ = self.model.norm.add_and_norm(x[rows], residual[rows] if residual is not None else None, batch.backend)
         return self.lm_head(x)

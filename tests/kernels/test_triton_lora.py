@@ -1,4 +1,5 @@
-"""Triton LoRA kernels (segment and token forms) equal the torch reference on random pools and adapters."""
+"""Triton LoRA kernels (segment and token forms, one module or a fused projection of several) equal the
+torch reference on random pools and adapters."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from slora.kernels.lora import LoRABatch, TorchLoRA, read_rows
+from slora.kernels.metadata import Projection
 from slora.kernels.lora import shrink as reference_shrink
 from slora.kernels.triton_lora import LoRAKernelConfig, TritonLoRA, shrink
 from tests.kernels.helpers import group_tokens, make_adapters, random_pool
@@ -13,9 +15,12 @@ from tests.kernels.helpers import group_tokens, make_adapters, random_pool
 KV_HEADS, HEAD_DIM = 2, 16  # kv_dim 32: a pool row
 KV_DIM = KV_HEADS * HEAD_DIM
 NUM_LAYERS = 2
-POOL_SLOTS = 1500  # the adapters below take ~2,600 of its 3,000 rows, shuffled
+POOL_SLOTS = 1800  # the adapters below take ~3,100 of its 3,600 rows, shuffled
 # One chunk, two chunks, three chunks with padding, narrower than a row.
-SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "o_proj": (80, 16), "down_proj": (16, 80)}
+SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (80, 16), "down_proj": (16, 80)}
+# q/k/v fused as the model runs them (one GEMM, modules of different widths), and modules alone.
+PROJECTIONS = [Projection(("q_proj", "k_proj", "v_proj"), (64, 32, 32)), Projection(("o_proj",), (16,)),
+               Projection(("down_proj",), (80,))]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
@@ -50,12 +55,13 @@ def _run(batch_name: str, form: str, dtype: torch.dtype, device: torch.device, s
     torch_lora = TorchLoRA(pool, groups)
     triton_lora = TritonLoRA(pool, LoRABatch.build(groups, NUM_LAYERS, device), form=form, config=config)
     for layer in range(NUM_LAYERS):
-        for module, (in_features, out_features) in SHAPES.items():
+        for projection in PROJECTIONS:
+            in_features = SHAPES[projection.modules[0]][0]
             x = torch.randn(len(token_adapters), in_features, generator=generator).to(device, dtype)
-            before = torch.randn(len(token_adapters), out_features, generator=generator).to(device, dtype)
+            before = torch.randn(len(token_adapters), sum(projection.widths), generator=generator).to(device, dtype)
             reference, y = before.clone(), before.clone()
-            torch_lora.add_delta(reference, x, layer, module)
-            triton_lora.add_delta(y, x, layer, module)
+            torch_lora.add_delta(reference, x, layer, projection)
+            triton_lora.add_delta(y, x, layer, projection)
             _check(y, reference, before, dtype)
             untouched = [t for t, a in enumerate(token_adapters) if a is None]
             assert torch.equal(y[untouched], before[untouched])
@@ -76,32 +82,36 @@ def test_lora_equals_reference_half(dtype, form, device):
 
 @pytest.mark.parametrize("batch_name, form", [("long_segment", "segment"), ("mixed", "token")])
 def test_lora_small_blocks_and_splits(batch_name, form, device):
-    """Several rank tiles, several K steps per chunk, split-K with atomic adds, several token splits."""
+    """Several rank tiles, several K steps per chunk, split-K partials, several token splits."""
     config = LoRAKernelConfig(block_m=16, block_r=16, block_k=16, block_n=16, split_k=3, m_splits=3)
     _run(batch_name, form, torch.float32, device, seed=3, config=config)
 
 
 @pytest.mark.parametrize("form", ["segment", "token"])
 def test_shrink_equals_reference(form, device):
+    """Shrink's partials: module slot p's splits sum to x @ A^T of that module, token by token."""
     generator = torch.Generator().manual_seed(11)
     pool = random_pool(1, POOL_SLOTS, KV_HEADS, HEAD_DIM, torch.float32, device, generator)
     adapters = make_adapters(RANKS, SHAPES, 1, KV_DIM, 2 * POOL_SLOTS, device, generator)
     groups = group_tokens(BATCHES["mixed"], adapters, device)
     batch = LoRABatch.build(groups, 1, device)
     rows = pool[0].view(-1, KV_DIM)
-    x = torch.randn(len(BATCHES["mixed"]), 80, generator=generator).to(device)
-    v = torch.full((batch.num_tokens, max(RANKS)), float("nan"), device=device)
-    shrink(x, rows, batch, 0, "o_proj", v, form)
-    position = 0
-    for group in groups:
-        adapter, rank = group.adapter, group.adapter.layer_ranks.get((0, "o_proj"), 0)
-        count = group.token_indices.numel()
-        if rank:
-            m = adapter.layout.modules["o_proj"]
-            a_ids = adapter.row_table[m.a_start : m.a_start + rank * m.a_chunks]
-            expected = reference_shrink(x[group.token_indices], rows, a_ids, rank, m.a_chunks)
-            torch.testing.assert_close(v[position : position + count, :rank], expected, rtol=1e-5, atol=1e-5)
-        position += count
+    x = torch.randn(len(BATCHES["mixed"]), 64, generator=generator).to(device)
+    projection = PROJECTIONS[0]
+    shrunk = shrink(x, rows, batch, 0, projection, form, LoRAKernelConfig(block_k=16, split_k=2))
+    assert shrunk.split_k == 2
+    for p, module in enumerate(projection.modules):
+        v = shrunk.v[p * shrunk.split_k : (p + 1) * shrunk.split_k].sum(0)
+        position = 0
+        for group in groups:
+            adapter, rank = group.adapter, group.adapter.layer_ranks.get((0, module), 0)
+            count = group.token_indices.numel()
+            if rank:
+                m = adapter.layout.modules[module]
+                a_ids = adapter.row_table[m.a_start : m.a_start + rank * m.a_chunks]
+                expected = reference_shrink(x[group.token_indices], rows, a_ids, rank, m.a_chunks)
+                torch.testing.assert_close(v[position : position + count, :rank], expected, rtol=1e-5, atol=1e-5)
+            position += count
 
 
 def test_lora_batch_metadata(device):
