@@ -148,6 +148,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     backend: str | None = None  # kernels: "triton" or "torch"; None = "triton" on CUDA, "torch" on CPU
+    # Decode steps as CUDA graphs (Triton backend). None = on CUDA; True on the CPU runs the graphs'
+    # static buffers eagerly (how tests check them); False = never.
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in (None, *BACKENDS):

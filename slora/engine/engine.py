@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from slora.config import EngineConfig
-from slora.engine.batch import build_forward_batch
+from slora.engine.batch import build_forward_batch, resolve_backend
+from slora.engine.cuda_graphs import DecodeGraphs, GraphLimits
 from slora.engine.detokenizer import IncrementalDetokenizer
 from slora.engine.request import CompletionOutput, Request, RequestOutput
 from slora.engine.sampler import SampleInput, SampleResult, sample
@@ -77,7 +78,20 @@ class LLMEngine:
             self.registry.add_folder(config.lora.lora_dir)
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
+        self.graphs = self._decode_graphs()
         torch.manual_seed(config.seed)
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps, when the config and the device call for them (see EngineConfig)."""
+        wanted = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
+        if not wanted or resolve_backend(self.config.backend, self.device) != "triton":
+            return None
+        limits = GraphLimits(max_batch=self.config.scheduler.max_num_seqs, max_context=min(self.max_model_len, 16384),
+                             max_lora_rank=self.config.lora.max_lora_rank,
+                             row_capacity=self.pool.rows(0).shape[0], num_layers=self.model_config.num_layers,
+                             scale=self.model_config.head_dim**-0.5)
+        return DecodeGraphs(self.model, self.pool.layers, limits, self.pool.scratch_slot,
+                            capture=self.device.type == "cuda")
 
     # --- requests --------------------------------------------------------------------------------
     def add_request(
@@ -192,7 +206,8 @@ class LLMEngine:
         if scheduled.requests:
             batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.model_config.head_dim,
                                                   self.device, self.residency, self.config.backend)
-            logits = self.model(batch)
+            bucket = self.graphs.bucket(batch) if self.graphs is not None else None
+            logits = self.model(batch) if bucket is None else self.graphs.run(batch, bucket)
             for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):
                 request.num_computed_tokens += num_new
                 touched.add(request.group_id)

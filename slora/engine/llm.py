@@ -37,13 +37,14 @@ class LLM:
         max_lora_rank: int = 256,
         max_cpu_adapters: int | None = None,
         backend: str | None = None,
+        cuda_graphs: bool | None = None,
     ):
         config = EngineConfig(
             model=model, device=device, dtype=dtype, seed=seed,
             pool=PoolConfig(num_slots=num_slots, memory=pool_memory),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             lora=LoRAConfig(dict(adapters or {}), lora_dir, max_lora_rank, max_cpu_adapters),
-            backend=backend,
+            backend=backend, cuda_graphs=cuda_graphs,
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer

@@ -76,6 +76,16 @@ class LoRABatch:
     def num_tokens(self) -> int:
         return self.token_indices.numel()
 
+    @property
+    def num_segments(self) -> int:
+        """Programs along the adapter axis: one per segment (some may be empty in a captured step)."""
+        return self.segment_starts.numel() - 1
+
+    @property
+    def table_width(self) -> int:
+        """Columns of the offset, rank and scaling tables (>= num_segments in a captured step)."""
+        return self.ranks.shape[-1]
+
     @classmethod
     def build(cls, groups: list[AdapterTokens], num_layers: int, device: torch.device | str) -> "LoRABatch":
         adapters = [group.adapter for group in groups]

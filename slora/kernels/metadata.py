@@ -62,7 +62,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: pool slot of each new token's K/V
     query_starts: list[int]
     query_lens: list[int]
-    context_slots: list[torch.Tensor]  # per sequence, [context_len] int64 (int32 views of `slot_table`)
+    context_slots: list[torch.Tensor] | None  # per sequence, [context_len] (views of `slot_table` on Triton);
+    # None in a captured decode step, which gives the slot table alone
     scale: float
     slot_table: SlotTable | None = None  # the same slots padded into one tensor (Triton backend)
 

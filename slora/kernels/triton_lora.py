@@ -258,7 +258,7 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
         split_k = 1
         if on_cuda and op == "shrink":
             rank_tiles = triton.cdiv(max_rank, block_r)
-            units = (batch.num_tokens if form == "token" else len(batch.adapters) * m_splits) * num_modules
+            units = (batch.num_tokens if form == "token" else batch.num_segments * m_splits) * num_modules
             target = 4 * _multiprocessors(device)
             split_k = triton.cdiv(target, units * rank_tiles)
     split_k = _clamp(split_k, 1, min(MAX_SPLIT_K, triton.cdiv(features, block_k)))
@@ -334,13 +334,13 @@ def shrink(x: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, pr
     v = torch.empty(num_modules * split_k, batch.num_tokens, max_rank, dtype=torch.float32, device=x.device)
     rank_tiles = triton.cdiv(max_rank, c.block_r)
     tables = projection_tables(projection, kv_dim, c.block_n, rows.device)
-    common = (rows, batch.row_table, batch.a_offsets, batch.ranks[layer], tables.modules, len(batch.adapters),
+    common = (rows, batch.row_table, batch.a_offsets, batch.ranks[layer], tables.modules, batch.table_width,
               batch.token_indices)
     tail = (v, v.stride(0), v.stride(1), in_features, kv_dim, triton.cdiv(in_features, kv_dim), k_per_split,
             rank_tiles)
     programs = num_modules * rank_tiles * split_k
     if form == "segment":
-        _shrink_segments[(len(batch.adapters), c.m_splits, programs)](
+        _shrink_segments[(batch.num_segments, c.m_splits, programs)](
             x, x.stride(0), *common, batch.segment_starts, *tail, c.m_splits, BLOCK_M=c.block_m, BLOCK_R=c.block_r,
             BLOCK_K=c.block_k, SPLIT_K=split_k, DOT_MODE=dot_mode(x.dtype), num_warps=c.num_warps)
     else:
@@ -359,10 +359,10 @@ def expand(y: torch.Tensor, shrunk: Shrunk, rows: torch.Tensor, batch: LoRABatch
     tables = projection_tables(projection, kv_dim, c.block_n, rows.device)
     v = shrunk.v
     common = (y, y.stride(0), v, v.stride(0), v.stride(1), rows, batch.row_table, batch.b_offsets,
-              batch.ranks[layer], batch.scalings[layer], tables.modules, len(batch.adapters), tables.tile_starts,
+              batch.ranks[layer], batch.scalings[layer], tables.modules, batch.table_width, tables.tile_starts,
               tables.columns, tables.widths, tables.b_chunks, batch.token_indices)
     if form == "segment":
-        _expand_segments[(len(batch.adapters), c.m_splits, tables.num_tiles)](
+        _expand_segments[(batch.num_segments, c.m_splits, tables.num_tiles)](
             *common, batch.segment_starts, kv_dim, c.m_splits, P=len(projection.modules), BLOCK_M=c.block_m,
             BLOCK_R=c.block_r, BLOCK_N=c.block_n, SPLIT_K=shrunk.split_k, DOT_MODE=dot_mode(rows.dtype),
             num_warps=c.num_warps)

@@ -61,8 +61,11 @@ class UnifiedPool:
             raise ValueError(f"the pool needs at least one slot, got num_slots={num_slots}")
         self.num_slots = num_slots
         self.kv_dim = model.kv_dim
+        # One slot past the allocator's range, never handed out: where writes that belong to no
+        # request land (the padding rows of a captured decode step).
+        self.scratch_slot = num_slots
         self.layers = [
-            torch.zeros(num_slots, 2, model.num_kv_heads, model.head_dim, dtype=dtype, device=device)
+            torch.zeros(num_slots + 1, 2, model.num_kv_heads, model.head_dim, dtype=dtype, device=device)
             for _ in range(model.num_layers)
         ]
         # Pop from the end: low slot ids are handed out first, which keeps tests readable.
@@ -111,8 +114,8 @@ class UnifiedPool:
 
     # --- views -----------------------------------------------------------------------------------
     def rows(self, layer: int) -> torch.Tensor:
-        """Layer `layer` seen as `2 * num_slots` rows of `kv_dim` elements (row 2s = K, 2s+1 = V)."""
-        return self.layers[layer].view(2 * self.num_slots, self.kv_dim)
+        """Layer `layer` seen as rows of `kv_dim` elements (row 2s = K, 2s+1 = V; the scratch slot's last)."""
+        return self.layers[layer].view(-1, self.kv_dim)
 
 
 def default_pool_memory(device: torch.device | str) -> int | float:

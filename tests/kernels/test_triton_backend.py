@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from slora import LLM, SamplingParams
-from slora.config import ModelConfig
-from tests.reference.hf import make_tiny_model
-from tests.reference.peft import write_lora_folder
 
 PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model_and_adapters(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama", folder)
-    config = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    root = tmp_path_factory.mktemp("adapters")
-    targets = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "down_proj"]]
-    adapters = {f"r{rank}": str(write_lora_folder(root / f"r{rank}", config.num_layers, config.module_shapes(),
-                                                  rank=rank, targets=targets[i], alpha=16, seed=i))
-                for i, rank in enumerate((2, 8, 16))}
-    return folder, adapters
 
 
 def test_triton_backend_matches_torch_backend(model_and_adapters, device, monkeypatch):

@@ -1,0 +1,171 @@
+"""Decode steps as CUDA graphs: one per batch-size bucket, replayed over static metadata buffers.
+
+A decode step launches a few hundred small kernels; issuing them from Python costs more than the
+GPU takes to run them at the batch sizes that matter. A captured graph issues them all in one call.
+What a graph reads must be at the same addresses, with the same launch grids, at every replay, so:
+
+- every step's tensors (tokens, positions, slots, the slot table, the LoRA tables of
+  `kernels/lora.py::LoRABatch`) are copied into buffers made once, sized for the largest bucket;
+- a batch of B sequences runs the graph of the smallest bucket >= B; rows past B are padding (token
+  0 at position 0, attending to one scratch slot of the pool that no request owns);
+- launch sizes come from limits, never from the batch: the longest context (`max_context`), the
+  largest LoRA rank (`max_lora_rank`), one segment per row (segments past the batch's adapters are
+  empty and their programs exit at once).
+
+`capture=False` (the CPU, in tests) runs the same static batch eagerly: what a graph would record,
+so that a CPU test proves the buffers are filled right and the launches never depend on the batch.
+A failed capture turns graphs off with a warning: steps then run eagerly, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from slora.kernels.lora import MODULES, LoRABatch
+from slora.kernels.metadata import AttentionMetadata, ForwardBatch, SlotTable
+
+logger = logging.getLogger("slora.engine")
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class GraphLimits:
+    """What bounds every captured step: launch sizes are derived from these, never from a batch."""
+
+    max_batch: int  # sequences in the largest bucket
+    max_context: int  # slots per sequence (longer contexts run eagerly)
+    max_lora_rank: int
+    row_capacity: int  # entries of the concatenated row table (all of the pool's rows)
+    num_layers: int
+    scale: float  # attention's softmax scale
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, kv_cache: list[torch.Tensor], limits: GraphLimits,
+                 scratch_slot: int, capture: bool):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.limits = limits
+        self.scratch_slot = scratch_slot
+        self.capture = capture
+        self.enabled = True
+        self.buckets = tuple(b for b in BUCKETS if b < limits.max_batch) + (limits.max_batch,)
+        device = kv_cache[0].device
+        n, int32, int64 = limits.max_batch, torch.int32, torch.int64
+        zeros = lambda *shape, dtype=int32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.input_ids, self.positions = zeros(n, dtype=int64), zeros(n, dtype=int64)
+        self.slot_mapping = torch.full((n,), scratch_slot, dtype=int64, device=device)
+        self.logits_indices = torch.arange(n, dtype=int64, device=device)
+        self.slots = torch.full((n, limits.max_context), scratch_slot, dtype=int32, device=device)
+        self.context_lens = torch.ones(n, dtype=int32, device=device)
+        self.query_starts = torch.arange(n, dtype=int32, device=device)
+        self.query_lens = torch.ones(n, dtype=int32, device=device)
+        modules, layers = len(MODULES), limits.num_layers
+        self.lora = LoRABatch(
+            adapters=[], row_table=zeros(limits.row_capacity), a_offsets=zeros(modules, n),
+            b_offsets=zeros(modules, n), ranks=zeros(layers, modules, n),
+            scalings=zeros(layers, modules, n, dtype=torch.float32), token_indices=zeros(n), token_adapters=zeros(n),
+            segment_starts=zeros(n + 1), max_ranks=[[limits.max_lora_rank] * modules for _ in range(layers)],
+            max_segment_len=1)
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph | None, ForwardBatch, torch.Tensor | None]] = {}
+        self._mempool = torch.cuda.graph_pool_handle() if capture else None
+
+    # --- which steps ------------------------------------------------------------------------------
+    def bucket(self, batch: ForwardBatch) -> int | None:
+        """The bucket that runs this step, or None when it must run eagerly."""
+        table = batch.attention.slot_table
+        if not self.enabled or table is None or table.max_query_len != 1:
+            return None
+        num_seqs = table.slots.shape[0]
+        if num_seqs != batch.input_ids.numel() or table.max_context_len > self.limits.max_context:
+            return None
+        lora = batch.lora
+        if lora is not None and (lora.batch.row_table.numel() > self.limits.row_capacity
+                                 or max(map(max, lora.batch.max_ranks)) > self.limits.max_lora_rank):
+            return None
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    # --- one step ---------------------------------------------------------------------------------
+    def run(self, batch: ForwardBatch, bucket: int) -> torch.Tensor:
+        """Logits of `batch.logits_indices`, computed by the bucket's graph over the static buffers."""
+        with_lora = batch.lora is not None
+        self._fill(batch, bucket)
+        key = (bucket, with_lora)
+        if key not in self._graphs:
+            self._graphs[key] = self._record(bucket, with_lora)
+        graph, static_batch, logits = self._graphs[key]
+        if graph is None:
+            logits = self.model(static_batch)
+        else:
+            graph.replay()
+        return logits[batch.logits_indices]
+
+    def _fill(self, batch: ForwardBatch, bucket: int) -> None:
+        table = batch.attention.slot_table
+        n, width = table.slots.shape
+        self.input_ids[:n].copy_(batch.input_ids)
+        self.positions[:n].copy_(batch.positions)
+        self.slot_mapping[:n].copy_(batch.attention.slot_mapping)
+        self.slots[:n, :width].copy_(table.slots)
+        self.context_lens[:n].copy_(table.context_lens)
+        if bucket > n:  # padding rows: token 0 at position 0, its one slot the scratch slot
+            self.input_ids[n:bucket] = 0
+            self.positions[n:bucket] = 0
+            self.slot_mapping[n:bucket] = self.scratch_slot
+            self.slots[n:bucket, 0] = self.scratch_slot
+            self.context_lens[n:bucket] = 1
+        if batch.lora is not None:
+            self._fill_lora(batch.lora.batch, bucket)
+
+    def _fill_lora(self, lora: LoRABatch, bucket: int) -> None:
+        static, segments, tokens = self.lora, lora.num_segments, lora.num_tokens
+        static.row_table[: lora.row_table.numel()].copy_(lora.row_table)
+        static.a_offsets[:, :segments].copy_(lora.a_offsets)
+        static.b_offsets[:, :segments].copy_(lora.b_offsets)
+        static.ranks[:, :, :segments].copy_(lora.ranks)
+        static.scalings[:, :, :segments].copy_(lora.scalings)
+        static.token_indices[:tokens].copy_(lora.token_indices)
+        static.token_adapters[:tokens].copy_(lora.token_adapters)
+        static.segment_starts[: segments + 1].copy_(lora.segment_starts)
+        static.segment_starts[segments + 1 : bucket + 1] = tokens  # the rest of the bucket's segments: empty
+
+    # --- capture ----------------------------------------------------------------------------------
+    def _static_batch(self, bucket: int, with_lora: bool) -> ForwardBatch:
+        from slora.kernels.triton_lora import TritonLoRA
+
+        table = SlotTable(self.slots[:bucket], self.context_lens[:bucket], self.query_starts[:bucket],
+                          self.query_lens[:bucket], max_query_len=1, max_context_len=self.limits.max_context)
+        attention = AttentionMetadata(self.slot_mapping[:bucket], list(range(bucket)), [1] * bucket, None,
+                                      self.limits.scale, table)
+        lora = None
+        if with_lora:
+            s = self.lora
+            view = LoRABatch([], s.row_table, s.a_offsets, s.b_offsets, s.ranks, s.scalings, s.token_indices[:bucket],
+                             s.token_adapters[:bucket], s.segment_starts[: bucket + 1], s.max_ranks, 1)
+            lora = TritonLoRA(self.kv_cache, view)
+        return ForwardBatch(self.input_ids[:bucket], self.positions[:bucket], self.logits_indices[:bucket], attention,
+                            self.kv_cache, lora, backend="triton")
+
+    def _record(self, bucket: int, with_lora: bool):
+        static_batch = self._static_batch(bucket, with_lora)
+        if not self.capture:
+            return None, static_batch, None
+        try:
+            self.model(static_batch)  # compiles the kernels and fills every cache before capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool):
+                logits = self.model(static_batch)
+            return graph, static_batch, logits
+        except Exception:
+            logger.warning("capturing the decode graph of batch %d failed; decode steps run without CUDA graphs",
+                           bucket, exc_info=True)
+            self.enabled = False
+            return None, static_batch, None
+
+
+__all__ = ["BUCKETS", "DecodeGraphs", "GraphLimits"]

@@ -1,0 +1,95 @@
+"""What a captured decode step runs, checked on the CPU (and replayed for real on a GPU): the static
+buffers of `engine/cuda_graphs.py`.
+
+With `cuda_graphs=True` on the CPU the engine runs its decode steps through the graphs' static
+batches eagerly (the Triton kernels under the interpreter). Two things make a capture valid and are
+tested here: the static path gives the same tokens as the torch reference (buffers filled right,
+padding rows harmless, stale rows of an earlier, larger batch ignored), and every launch of a step
+(kernel, grid, scalar arguments, tensor shapes) is the same whatever the batch in its bucket, since a
+graph replays the launches it recorded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slora import LLM, SamplingParams
+from slora.engine.cuda_graphs import DecodeGraphs
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18], [19, 20, 21], [22, 23, 24, 25, 26, 27]]
+NAMES = ["r2", "r8", None, "r16", "r8", "r2"]
+
+
+def _llm(model_and_adapters, device, backend: str, cuda_graphs: bool | None) -> LLM:
+    folder, adapters = model_and_adapters
+    return LLM(model=str(folder), device=str(device), dtype="float32", backend=backend, adapters=adapters,
+               num_slots=512, max_num_seqs=8, max_lora_rank=16, cuda_graphs=cuda_graphs)
+
+
+def test_graph_path_matches_torch_backend(model_and_adapters, device, monkeypatch):
+    buckets = []
+    original = DecodeGraphs.run
+
+    def run(self, batch, bucket):
+        buckets.append((batch.input_ids.numel(), bucket))
+        return original(self, batch, bucket)
+
+    monkeypatch.setattr(DecodeGraphs, "run", run)
+    # Different lengths: the batch shrinks from 6 (bucket 8, two padding rows) to 1 as requests end,
+    # so later steps run over buffers that still hold an earlier, larger batch's rows.
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 3, 6, 2, 4, 3)]
+    expected = [o.token_ids for o in _llm(model_and_adapters, device, "torch", False).generate(PROMPTS, params, NAMES)]
+    llm = _llm(model_and_adapters, device, "triton", True)
+    assert llm.engine.graphs is not None and llm.engine.graphs.capture == (device.type == "cuda")
+    got = [o.token_ids for o in llm.generate(PROMPTS, params, NAMES)]
+    assert got == expected
+    assert (6, 8) in buckets and (1, 1) in buckets and (3, 4) in buckets  # padded buckets and an exact one
+    # A batch without adapters runs the graph without LoRA launches, and gives the same tokens too.
+    base = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)] * 2
+    assert ([o.token_ids for o in llm.generate(PROMPTS[:2], base)] ==
+            [o.token_ids for o in _llm(model_and_adapters, device, "torch", False).generate(PROMPTS[:2], base)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="records launches through Triton's interpreter; on a GPU "
+                    "test_graph_path_matches_torch_backend checks the replays themselves")
+def test_launches_do_not_depend_on_the_batch(model_and_adapters, device, monkeypatch):
+    """Two decode steps of bucket 8 with other sequences, adapters, ranks and contexts launch the same kernels
+    with the same grids, scalars and shapes: what a captured graph needs to stay right at every replay."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: list[list] = []
+    recording = {"on": False}
+    original_launch = InterpretedFunction.run
+
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype)
+        return value
+
+    def launch(self, *args, grid, warmup, **kwargs):
+        if recording["on"]:
+            launches[-1].append((self.fn.__name__, tuple(grid), [describe(a) for a in args],
+                                 {k: describe(v) for k, v in kwargs.items()}))
+        return original_launch(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    original_run = DecodeGraphs.run
+
+    def run(self, batch, bucket):
+        if bucket == 8 and batch.lora is not None and len(launches) < 2 and not recording["on"]:
+            launches.append([])
+            recording["on"] = True
+            try:
+                return original_run(self, batch, bucket)
+            finally:
+                recording["on"] = False
+        return original_run(self, batch, bucket)
+
+    monkeypatch.setattr(InterpretedFunction, "run", launch)
+    monkeypatch.setattr(DecodeGraphs, "run", run)
+    llm = _llm(model_and_adapters, device, "triton", True)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    llm.generate(PROMPTS[:6], params, NAMES)  # 6 sequences, three adapters
+    llm.generate([p + [30, 31] for p in PROMPTS[:5]], params, ["r16", "r16", "r2", None, "r2"])  # 5: other ones
+    assert len(launches) == 2 and launches[0]
+    assert launches[0] == launches[1]
