@@ -5,6 +5,7 @@ This is the only place that knows both a request's state and the tensors' layout
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from slora.config import BACKENDS
@@ -39,9 +40,9 @@ def build_forward_batch(
     backend = resolve_backend(backend, device)
     input_ids: list[int] = []
     positions: list[int] = []
-    slot_mapping: list[int] = []
+    new_slots: list[np.ndarray] = []
     query_starts: list[int] = []
-    context_slots: list[list[int]] = []
+    context_slots: list[np.ndarray] = []
     logits_indices: list[int] = []
     sampling: list[int] = []
     adapter_tokens: dict[str, list[int]] = {}
@@ -53,20 +54,21 @@ def build_forward_batch(
             adapter_tokens.setdefault(request.adapter, []).extend(range(len(input_ids), len(input_ids) + num_new))
         input_ids.extend(request.token_ids_between(start, end))
         positions.extend(range(start, end))
-        slot_mapping.extend(request.slot_ids[start:end])
-        context_slots.append(request.slot_ids[:end])
+        new_slots.append(request.slot_ids.view(start, end))
+        context_slots.append(request.slot_ids.view(0, end))
         if end == request.num_tokens:  # the whole sequence is in the pool: its next token is due
             logits_indices.append(len(input_ids) - 1)
             sampling.append(i)
     as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
-    if backend == "triton":  # one padded table; the per-sequence lists are views of it
+    if backend == "triton":  # one padded table, which is all the Triton kernels read
         slot_table = SlotTable.build(query_starts, list(scheduled.num_new_tokens), context_slots, device)
-        sequence_slots = slot_table.context_slots([len(slots) for slots in context_slots])
+        sequence_slots = None
     else:
         slot_table = None
-        sequence_slots = [torch.tensor(slots, dtype=torch.int64, device=device) for slots in context_slots]
+        sequence_slots = [torch.from_numpy(slots.astype(np.int64)).to(device) for slots in context_slots]
+    slot_mapping = np.concatenate(new_slots) if new_slots else np.zeros(0, dtype=np.int32)
     attention = AttentionMetadata(
-        slot_mapping=as_tensor(slot_mapping),
+        slot_mapping=torch.from_numpy(slot_mapping.astype(np.int64)).to(device),
         query_starts=query_starts,
         query_lens=list(scheduled.num_new_tokens),
         context_slots=sequence_slots,
@@ -89,12 +91,12 @@ def _lora_op(adapter_tokens: dict[str, list[int]], kv_cache: list[torch.Tensor],
              residency: AdapterResidency | None, device: torch.device, backend: str) -> LoRADelta | None:
     if not adapter_tokens:
         return None
-    # Triton reads the groups' tokens as one table, copied to the device once: keep them on the host.
-    index_device = "cpu" if backend == "triton" else device
-    groups = [AdapterTokens(residency.get(name), torch.tensor(tokens, dtype=torch.int64, device=index_device))
-              for name, tokens in adapter_tokens.items()]
+    adapters = [residency.get(name) for name in adapter_tokens]
     if backend == "triton":
         from slora.kernels.triton_lora import TritonLoRA  # Triton only where it is asked for
 
-        return TritonLoRA(kv_cache, LoRABatch.build(groups, len(kv_cache), device))
+        return TritonLoRA(kv_cache, LoRABatch.from_lists(adapters, list(adapter_tokens.values()), len(kv_cache),
+                                                         device))
+    groups = [AdapterTokens(adapter, torch.tensor(tokens, dtype=torch.int64, device=device))
+              for adapter, tokens in zip(adapters, adapter_tokens.values())]
     return TorchLoRA(kv_cache, groups)

@@ -10,6 +10,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from slora.engine.detokenizer import IncrementalDetokenizer
@@ -20,6 +21,34 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+class SlotIds:
+    """A sequence's pool slots in order, in a growing int32 array: each step reads them as numpy views
+    (one copy per sequence into the step's slot table) instead of converting Python ints."""
+
+    def __init__(self) -> None:
+        self._array = np.empty(16, dtype=np.int32)
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def extend(self, slot_ids: list[int]) -> None:
+        end = self._length + len(slot_ids)
+        if end > self._array.size:
+            grown = np.empty(max(end, 2 * self._array.size), dtype=np.int32)
+            grown[: self._length] = self._array[: self._length]
+            self._array = grown
+        self._array[self._length : end] = slot_ids
+        self._length = end
+
+    def view(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """Slots `[start, end)` (to the last by default), without a copy."""
+        return self._array[start : self._length if end is None else end]
+
+    def tolist(self) -> list[int]:
+        return self.view().tolist()
 
 
 @dataclass(eq=False)
@@ -35,7 +64,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
-    slot_ids: list[int] = field(default_factory=list)  # pool slots holding this sequence's K/V, in order
+    slot_ids: SlotIds = field(default_factory=SlotIds)  # pool slots of its K/V, in order
     num_computed_tokens: int = 0  # tokens whose K/V are in `slot_ids`
     holds_adapter: bool = False  # a reference on its adapter's pool residency, while running
     finish_reason: str | None = None

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from slora.config import SchedulerConfig
-from slora.engine.request import Request, RequestStatus
+from slora.engine.request import Request, RequestStatus, SlotIds
 from slora.lora.residency import AdapterResidency
 from slora.memory.pool import UnifiedPool
 
@@ -113,8 +113,8 @@ class Scheduler:
         return request
 
     def _release(self, request: Request) -> None:
-        self.pool.free(request.slot_ids, "kv")
-        request.slot_ids = []
+        self.pool.free(request.slot_ids.tolist(), "kv")
+        request.slot_ids = SlotIds()
         request.num_computed_tokens = 0
         if request.holds_adapter:
             self.residency.release(request.adapter)

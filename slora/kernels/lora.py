@@ -88,7 +88,13 @@ class LoRABatch:
 
     @classmethod
     def build(cls, groups: list[AdapterTokens], num_layers: int, device: torch.device | str) -> "LoRABatch":
-        adapters = [group.adapter for group in groups]
+        return cls.from_lists([g.adapter for g in groups], [g.token_indices.tolist() for g in groups], num_layers,
+                              device)
+
+    @classmethod
+    def from_lists(cls, adapters: list[ResidentAdapter], token_lists: list[list[int]], num_layers: int,
+                   device: torch.device | str) -> "LoRABatch":
+        """Adapter j's tokens are `token_lists[j]` (positions in the flat batch)."""
         num_modules, num_adapters = len(MODULES), len(adapters)
         # Filled on the host (numpy: cheap per element), then copied to the device once.
         a_offsets = np.zeros((num_modules, num_adapters), dtype=np.int32)
@@ -102,15 +108,16 @@ class LoRABatch:
                 b_offsets[MODULE_INDEX[module], j] = row_offset + rows.b_start
             ranks[:, :, j], scalings[:, :, j] = _rank_tables(adapter, num_layers)
             row_offset += adapter.layout.num_rows
-        lengths = np.array([group.token_indices.numel() for group in groups], dtype=np.int32)
+        lengths = np.array([len(tokens) for tokens in token_lists], dtype=np.int32)
         starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+        tokens = np.fromiter((t for group in token_lists for t in group), dtype=np.int32, count=int(starts[-1]))
         to_device = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
         return cls(
             adapters=adapters,
             row_table=torch.cat([a.row_table for a in adapters]).to(device=device, dtype=torch.int32),
             a_offsets=to_device(a_offsets), b_offsets=to_device(b_offsets),
             ranks=to_device(ranks), scalings=to_device(scalings),
-            token_indices=torch.cat([g.token_indices for g in groups]).to(device=device, dtype=torch.int32),
+            token_indices=to_device(tokens),
             token_adapters=to_device(np.repeat(np.arange(num_adapters, dtype=np.int32), lengths)),
             segment_starts=to_device(starts),
             max_ranks=(ranks.max(axis=2) if num_adapters else np.zeros((num_layers, num_modules), int)).tolist(),

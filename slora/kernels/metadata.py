@@ -29,7 +29,7 @@ class SlotTable:
     max_context_len: int
 
     @classmethod
-    def build(cls, query_starts: list[int], query_lens: list[int], context_slots: list[list[int]],
+    def build(cls, query_starts: list[int], query_lens: list[int], context_slots: list[np.ndarray | list[int]],
               device: torch.device | str) -> "SlotTable":
         context_lens = [len(slots) for slots in context_slots]
         width = max(context_lens, default=0)
@@ -46,10 +46,6 @@ class SlotTable:
             max_context_len=width,
         )
 
-    def context_slots(self, context_lens: list[int]) -> list[torch.Tensor]:
-        """Each sequence's slots as views of the table (no copy, no sync): `AttentionMetadata.context_slots`."""
-        return [self.slots[i, :length] for i, length in enumerate(context_lens)]
-
 
 @dataclass
 class AttentionMetadata:
@@ -62,10 +58,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: pool slot of each new token's K/V
     query_starts: list[int]
     query_lens: list[int]
-    context_slots: list[torch.Tensor] | None  # per sequence, [context_len] (views of `slot_table` on Triton);
-    # None in a captured decode step, which gives the slot table alone
+    context_slots: list[torch.Tensor] | None  # per sequence, [context_len]; None where `slot_table` holds them
     scale: float
-    slot_table: SlotTable | None = None  # the same slots padded into one tensor (Triton backend)
+    slot_table: SlotTable | None = None  # the slots padded into one tensor (Triton backend: all it reads)
 
 
 @dataclass(frozen=True)
