@@ -12,8 +12,8 @@ order; a phase that no longer fits the budget is recorded as skipped (with the r
 outputs (result.json, results.md, plots, headline.json) are rewritten after every phase, so a
 run that is cut still leaves every number it measured.
 
-`--part sweep` runs the SLO-vs-rate sweep of slora and its ablations (split pool; bmm and padded
-report "not available" until the engine has them) as a second command.
+`--part sweep` runs the SLO-vs-rate sweep of slora and its ablations (split pool, bmm, padded) as a
+second command.
 """
 
 from __future__ import annotations

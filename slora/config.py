@@ -11,6 +11,11 @@ from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 BACKENDS = ("torch", "triton")  # kernel implementations: the torch reference and the Triton kernels
+# The LoRA op: the Triton backend's kernels ("auto" = the segment form, "segment", "token"), or, on
+# either backend, S-LoRA's ablations in plain torch ("bmm": gather per token + bmm; "padded": each
+# adapter padded to the largest rank + bmm).
+LORA_KERNELS = ("auto", "segment", "token", "bmm", "padded")
+ABLATION_KERNELS = ("bmm", "padded")  # on either backend
 
 
 @dataclass
@@ -151,11 +156,14 @@ class EngineConfig:
     # Decode steps as CUDA graphs (Triton backend). None = on CUDA; True on the CPU runs the graphs'
     # static buffers eagerly (how tests check them); False = never.
     cuda_graphs: bool | None = None
+    lora_kernel: str = "auto"  # see LORA_KERNELS; the ablations run without CUDA graphs
 
     def __post_init__(self) -> None:
         if self.backend not in (None, *BACKENDS):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or None for the device's default), "
                              f"got {self.backend!r}")
+        if self.lora_kernel not in LORA_KERNELS:
+            raise ValueError(f"lora_kernel must be one of {', '.join(LORA_KERNELS)}, got {self.lora_kernel!r}")
 
 
 @dataclass

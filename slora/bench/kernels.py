@@ -5,10 +5,11 @@ For one model shape (Llama-2-7B by default) and dtype, on synthetic weights in s
 - LoRA decode (256 tokens of 64 distinct adapters, and of 256; ranks 8..64; q/k/v/o of one layer,
   q/k/v as the one fused projection the model runs) and LoRA prefill (long segments): the Triton
   segment (MBGMM) and token (MBGMV) forms, the torch reference,
-  and the ablations: `gather_bmm` (gather every token's adapter rows from the pool into a batch
-  padded to the largest rank, then `torch.bmm`), `padded_bmm` (weights stored contiguously, padded
-  to the largest rank, gathered per token, then `torch.bmm`) and `triton_padded` (the segment
-  kernel with every adapter padded to the largest rank);
+  and the ablations (`kernels/lora_ablations.py`, the engine's `lora_kernel="bmm"`/`"padded"`):
+  `gather_bmm` (at each op, gather every token's adapter rows from the pool into a batch padded to
+  the largest rank, then `torch.bmm`), `padded_bmm` (at each op, gather each adapter's rows once,
+  padded to the largest rank, then every token `torch.bmm`s with its adapter's) and `triton_padded`
+  (the segment kernel over copies of the adapters padded to the largest rank);
 - paged attention: decode at 1k and 4k contexts, and a prefill.
 
 Each kernel's time is reported with the bandwidth it achieves over the bytes it must read and write
@@ -37,7 +38,8 @@ from pathlib import Path
 import torch
 
 from slora.config import ModelConfig
-from slora.kernels.lora import AdapterTokens, LoRABatch, ModuleByModule, TorchLoRA
+from slora.kernels.lora import AdapterTokens, LoRABatch, TorchLoRA
+from slora.kernels.lora_ablations import PaddedBmmLoRA
 from slora.kernels.metadata import AttentionMetadata, Projection, SlotTable
 from slora.lora.layout import ModuleRows, RowLayout
 from slora.lora.residency import ResidentAdapter
@@ -252,69 +254,6 @@ def groups_of(token_adapters: list[int], adapters: list[ResidentAdapter], device
     return [AdapterTokens(adapters[a], torch.tensor(tokens, device=device)) for a, tokens in sorted(by_adapter.items())]
 
 
-# --- the ablations ------------------------------------------------------------------------------------
-class GatherBmm(ModuleByModule):
-    """S-LoRA's first ablation: gather each token's adapter rows from the pool (padded to the largest
-    rank with a zero row) into one batch, then two `torch.bmm`. The gather is paid at every op."""
-
-    def __init__(self, rows: torch.Tensor, groups: list[AdapterTokens], num_tokens: int, zero_row: int,
-                 modules: tuple[str, ...]):
-        self.rows = rows
-        self.max_rank = max(g.adapter.layer_ranks[(0, modules[0])] for g in groups)
-        self.a_index, self.b_index, self.shapes, self.scaling = {}, {}, {}, {}
-        device = rows.device
-        self.tokens = torch.cat([g.token_indices for g in groups])
-        for module in modules:
-            scaling = torch.zeros(num_tokens, device=device, dtype=rows.dtype)
-            a_index, b_index = [], []
-            for group in groups:
-                adapter, count = group.adapter, group.token_indices.numel()
-                m, rank = adapter.layout.modules[module], adapter.layer_ranks[(0, module)]
-                for start, chunks, index in ((m.a_start, m.a_chunks, a_index), (m.b_start, m.b_chunks, b_index)):
-                    ids = torch.full((self.max_rank * chunks,), zero_row, dtype=torch.int64, device=device)
-                    ids[: rank * chunks] = adapter.row_table[start : start + rank * chunks]
-                    index.append(ids.expand(count, -1))
-                scaling[group.token_indices] = adapter.layer_scalings[(0, module)]
-            self.a_index[module] = torch.cat(a_index)  # [lora tokens, max_rank * chunks], in `tokens` order
-            self.b_index[module] = torch.cat(b_index)
-            self.shapes[module] = (m.in_features, m.out_features, m.a_chunks, m.b_chunks)
-            self.scaling[module] = scaling[self.tokens][:, None, None]
-
-    def add_module_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-        in_features, out_features, a_chunks, b_chunks = self.shapes[module]
-        n, kv_dim = self.tokens.numel(), self.rows.shape[1]
-        a = self.rows[self.a_index[module]].view(n, self.max_rank, a_chunks * kv_dim)[:, :, :in_features]
-        b_t = self.rows[self.b_index[module]].view(n, self.max_rank, b_chunks * kv_dim)[:, :, :out_features]
-        v = torch.bmm(x[self.tokens].unsqueeze(1), a.transpose(1, 2))  # [n, 1, max_rank]
-        y[self.tokens] += (self.scaling[module] * torch.bmm(v, b_t)).squeeze(1)
-
-
-class PaddedBmm(ModuleByModule):
-    """S-LoRA's second ablation: every adapter's weights stored contiguously, padded to the largest
-    rank; each op gathers the tokens' adapters from that store and runs two `torch.bmm`."""
-
-    def __init__(self, gather: GatherBmm, groups: list[AdapterTokens], modules: tuple[str, ...]):
-        self.gather = gather
-        device = gather.rows.device
-        self.token_adapter = torch.cat([torch.full((g.token_indices.numel(),), j, device=device)
-                                        for j, g in enumerate(groups)])
-        self.a, self.b_t = {}, {}
-        starts = [0] + torch.tensor([g.token_indices.numel() for g in groups]).cumsum(0).tolist()
-        first = torch.tensor(starts[:-1], device=device)  # each adapter's first token: its index rows
-        for module in modules:  # one padded [max_rank, features] matrix per adapter
-            in_features, out_features, _, _ = gather.shapes[module]
-            a = gather.rows[gather.a_index[module][first]].view(len(groups), gather.max_rank, -1)
-            b_t = gather.rows[gather.b_index[module][first]].view(len(groups), gather.max_rank, -1)
-            self.a[module] = a[:, :, :in_features].contiguous()
-            self.b_t[module] = b_t[:, :, :out_features].contiguous()
-
-    def add_module_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-        tokens = self.gather.tokens
-        a, b_t = self.a[module][self.token_adapter], self.b_t[module][self.token_adapter]
-        v = torch.bmm(x[tokens].unsqueeze(1), a.transpose(1, 2))
-        y[tokens] += (self.gather.scaling[module] * torch.bmm(v, b_t)).squeeze(1)
-
-
 # --- cases ----------------------------------------------------------------------------------------------
 def _finish(result: Result, copy_gbps: float, peak_tflops: float) -> Result:
     seconds = result.time_us / 1e6
@@ -348,14 +287,14 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
     xs = {p: torch.randn(num_tokens, shapes[p.modules[0]][0], generator=generator).to(device, dtype)
           for p in projections}
     y0 = {p: torch.randn(num_tokens, sum(p.widths), generator=generator).to(device, dtype) for p in projections}
-    gather = GatherBmm(rows, groups, num_tokens, 0, modules)
+    lora_batch = LoRABatch.build(groups, 1, device)
     methods = {
         "torch_reference": TorchLoRA([pool], groups),
-        "triton_segment": TritonLoRA([pool], LoRABatch.build(groups, 1, device), form="segment"),
-        "triton_token": TritonLoRA([pool], LoRABatch.build(groups, 1, device), form="token"),
+        "triton_segment": TritonLoRA([pool], lora_batch, form="segment"),
+        "triton_token": TritonLoRA([pool], lora_batch, form="token"),
         "triton_padded": TritonLoRA([pool], LoRABatch.build(padded_groups, 1, device), form="segment"),
-        "gather_bmm": gather,
-        "padded_bmm": PaddedBmm(gather, groups, modules),
+        "gather_bmm": PaddedBmmLoRA([pool], lora_batch, gather="token"),
+        "padded_bmm": PaddedBmmLoRA([pool], lora_batch, gather="adapter"),
     }
     distinct = {j: adapters[j] for j in set(token_adapters)}
     weight_elements = sum(ranks[j] * sum(shapes[m][0] + shapes[m][1] for m in modules) for j in distinct)

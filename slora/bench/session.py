@@ -141,7 +141,7 @@ class BenchSession:
 
     def _run_engine(self, record: dict, system: str, requests: list[wl.BenchRequest], mode: str,
                     names: list[str], time_limit: float | None, drain_timeout: float) -> None:
-        overrides = engine_config_overrides(system)  # raises NotAvailable
+        overrides = engine_config_overrides(system)
         uses_adapters = system not in ("base-only", "merged-swap")
         if system == "base-only":
             requests = wl.without_adapters(requests)

@@ -6,18 +6,15 @@
   reserved for adapters and the KV cache may use only the rest, so neither can borrow from the
   other. Emulated here without touching the engine: the engine's pool and residency objects are
   switched to `SplitPool` / `SplitResidency` (subclasses) right after the engine is built.
-- `slora-bmm`, `slora-padded`: S-LoRA's kernel ablations (LoRA as one padded batched matmul, or
-  every adapter padded to the largest rank). They need a kernel option of the engine: the hook is
-  `EngineConfig.lora_kernel` taking "bmm" or "padded"; while the engine has no such option these
-  systems report "not available" with the reason, and the rest of the run goes on.
+- `slora-bmm`, `slora-padded`: S-LoRA's kernel ablations, the engine with `EngineConfig.lora_kernel`
+  "bmm" (each token's adapter rows gathered from the pool, padded to the largest rank, at every op,
+  then `torch.bmm`) or "padded" (each adapter's rows gathered once per op, padded, then `torch.bmm`):
+  `kernels/lora_ablations.py`. They run without CUDA graphs (their shapes follow the batch).
 - `peft` and `merged-swap` are not slora engines: see `peft_baseline.py` and `merged_swap.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-from slora.config import EngineConfig
 from slora.lora.residency import AdapterResidency, ResidentAdapter
 from slora.memory.pool import PoolExhausted, PoolStats, UnifiedPool
 
@@ -30,19 +27,9 @@ class NotAvailable(RuntimeError):
 
 
 def engine_config_overrides(system: str) -> dict:
-    """Extra `EngineConfig` fields for `system`; raises NotAvailable when the engine lacks the option."""
+    """Extra `EngineConfig` fields for `system`."""
     variant = LORA_KERNEL_VARIANTS.get(system)
-    if variant is None:
-        return {}
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    if "lora_kernel" not in fields:
-        raise NotAvailable(f"{system} needs the engine option EngineConfig.lora_kernel={variant!r}, "
-                           "which this build does not have (the kernel ablations are not built yet)")
-    try:
-        EngineConfig(lora_kernel=variant)
-    except (TypeError, ValueError) as error:
-        raise NotAvailable(f"{system}: EngineConfig refuses lora_kernel={variant!r}: {error}") from error
-    return {"lora_kernel": variant}
+    return {} if variant is None else {"lora_kernel": variant}
 
 
 # --- the split pool (S-LoRA's no-unify-mem ablation) ------------------------------------------------

@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from slora.config import BACKENDS
+from slora.config import ABLATION_KERNELS, BACKENDS
 from slora.engine.scheduler import ScheduledBatch
 from slora.kernels.lora import AdapterTokens, LoRABatch, TorchLoRA
+from slora.kernels.lora_ablations import PaddedBmmLoRA
 from slora.kernels.metadata import AttentionMetadata, ForwardBatch, LoRADelta, SlotTable
 from slora.lora.residency import AdapterResidency
 
@@ -30,6 +31,7 @@ def build_forward_batch(
     device: torch.device,
     residency: AdapterResidency | None = None,
     backend: str | None = None,
+    lora_kernel: str = "auto",
 ) -> tuple[ForwardBatch, list[int]]:
     """Returns the batch and the positions in `scheduled.requests` of the requests that sample.
 
@@ -81,22 +83,25 @@ def build_forward_batch(
         logits_indices=as_tensor(logits_indices),
         attention=attention,
         kv_cache=kv_cache,
-        lora=_lora_op(adapter_tokens, kv_cache, residency, device, backend),
+        lora=_lora_op(adapter_tokens, kv_cache, residency, device, backend, lora_kernel),
         backend=backend,
     )
     return batch, sampling
 
 
-def _lora_op(adapter_tokens: dict[str, list[int]], kv_cache: list[torch.Tensor],
-             residency: AdapterResidency | None, device: torch.device, backend: str) -> LoRADelta | None:
+def _lora_op(adapter_tokens: dict[str, list[int]], kv_cache: list[torch.Tensor], residency: AdapterResidency | None,
+             device: torch.device, backend: str, lora_kernel: str) -> LoRADelta | None:
     if not adapter_tokens:
         return None
     adapters = [residency.get(name) for name in adapter_tokens]
+    if lora_kernel in ABLATION_KERNELS:
+        lora_batch = LoRABatch.from_lists(adapters, list(adapter_tokens.values()), len(kv_cache), device)
+        return PaddedBmmLoRA(kv_cache, lora_batch, "token" if lora_kernel == "bmm" else "adapter")
     if backend == "triton":
         from slora.kernels.triton_lora import TritonLoRA  # Triton only where it is asked for
 
-        return TritonLoRA(kv_cache, LoRABatch.from_lists(adapters, list(adapter_tokens.values()), len(kv_cache),
-                                                         device))
+        lora_batch = LoRABatch.from_lists(adapters, list(adapter_tokens.values()), len(kv_cache), device)
+        return TritonLoRA(kv_cache, lora_batch, form=lora_kernel)
     groups = [AdapterTokens(adapter, torch.tensor(tokens, dtype=torch.int64, device=device))
               for adapter, tokens in zip(adapters, adapter_tokens.values())]
     return TorchLoRA(kv_cache, groups)

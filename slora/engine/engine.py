@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slora.config import EngineConfig
+from slora.config import ABLATION_KERNELS, EngineConfig
 from slora.engine.batch import build_forward_batch, resolve_backend
 from slora.engine.cuda_graphs import DecodeGraphs, GraphLimits
 from slora.engine.detokenizer import IncrementalDetokenizer
@@ -84,7 +84,8 @@ class LLMEngine:
     def _decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs for decode steps, when the config and the device call for them (see EngineConfig)."""
         wanted = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
-        if not wanted or resolve_backend(self.config.backend, self.device) != "triton":
+        if not wanted or resolve_backend(self.config.backend, self.device) != "triton" \
+                or self.config.lora_kernel in ABLATION_KERNELS:  # the ablations' shapes follow the batch
             return None
         limits = GraphLimits(max_batch=self.config.scheduler.max_num_seqs, max_context=min(self.max_model_len, 16384),
                              max_lora_rank=self.config.lora.max_lora_rank,
@@ -205,7 +206,8 @@ class LLMEngine:
     def _run_batch(self, scheduled: ScheduledBatch, touched: set[str]) -> None:
         if scheduled.requests:
             batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.model_config.head_dim,
-                                                  self.device, self.residency, self.config.backend)
+                                                  self.device, self.residency, self.config.backend,
+                                                  self.config.lora_kernel)
             bucket = self.graphs.bucket(batch) if self.graphs is not None else None
             logits = self.model(batch) if bucket is None else self.graphs.run(batch, bucket)
             for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):

@@ -38,13 +38,14 @@ class LLM:
         max_cpu_adapters: int | None = None,
         backend: str | None = None,
         cuda_graphs: bool | None = None,
+        lora_kernel: str = "auto",
     ):
         config = EngineConfig(
             model=model, device=device, dtype=dtype, seed=seed,
             pool=PoolConfig(num_slots=num_slots, memory=pool_memory),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             lora=LoRAConfig(dict(adapters or {}), lora_dir, max_lora_rank, max_cpu_adapters),
-            backend=backend, cuda_graphs=cuda_graphs,
+            backend=backend, cuda_graphs=cuda_graphs, lora_kernel=lora_kernel,
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer

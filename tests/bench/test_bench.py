@@ -104,7 +104,7 @@ def test_small_cpu_run_writes_every_output(tmp_path):
     code = main([
         "run", "--model", "dummy:tiny", "--device", "cpu", "--num-adapters", "50", "--num-requests", "10",
         "--input-range", "8", "24", "--output-range", "2", "10", "--request-rate", "20", "40",
-        "--systems", "slora", "base-only", "slora-split-pool", "slora-bmm", "merged-swap", "peft",
+        "--systems", "slora", "base-only", "slora-split-pool", "slora-bmm", "slora-padded", "merged-swap", "peft",
         "--modes", "offline", "online", "--max-num-seqs", "16", "--num-slots", "4096", "--peft-batch-sizes", "2", "4", "--peft-time", "1",
         "--probe-decode", "--probe-prompt-len", "16", "--probe-steps", "3", "--adapter-dir", str(tmp_path / "ad"),
         "--output", str(out), "--no-progress", "--commit", "abc123",
@@ -117,9 +117,8 @@ def test_small_cpu_run_writes_every_output(tmp_path):
     assert head["throughput_ratio_vs_base_n1000"] is None and head["reasons"]["throughput_ratio_vs_base_n1000"]
     assert head["decode_bandwidth_fraction"] is not None and head["slo_vs_rate_plot"] == "slo_vs_rate.png"
     runs = {(r["system"], r["mode"], r["request_rate"]): r for r in result["runs"]}
-    assert runs[("slora-bmm", "offline", None)]["status"] == "not available"
     assert runs[("peft", "online", 20.0)]["status"] == "not available"
-    for system in ("slora", "base-only", "slora-split-pool", "merged-swap"):
+    for system in ("slora", "base-only", "slora-split-pool", "slora-bmm", "slora-padded", "merged-swap"):
         for key in (("offline", None), ("online", 20.0), ("online", 40.0)):
             run = runs[(system, *key)]
             assert run["status"] == "ok", run
