@@ -157,3 +157,22 @@ def test_merged_swap_restores_the_base_weights(tmp_path):
     gate._swap("lora-00001")
     gate.restore()
     assert torch.allclose(weight, before, atol=1e-5)
+
+
+def test_decode_profile_script_runs_on_the_cpu(tmp_path):
+    """`scripts/gpu_profile.py` (what the next GPU run records) stays working: a tiny run on the CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_profile.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), "--model", "dummy:tiny", "--batch", "4",
+                             "--adapters", "8", "--prompt-len", "8", "--steps", "4"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert [(r["system"], r["batch"]) for r in report["systems"]] == [("base-only", 4), ("slora", 4)] * 2
+    for run in report["systems"]:
+        assert run["decode_steps_timed"] >= 4 and run["step_wall_ms_median"] > 0
+        assert run["top_cpu"] and set(run["host_phases_ms_median"]) >= {"schedule", "build batch tensors"}
+    assert (tmp_path / "profile.md").read_text().startswith("# Decode-step profile")
