@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from slora.config import ServerOptions
+from slora.config import LoRAConfig, ServerOptions
 from slora.engine.sampling_params import SamplingParams
 
 
@@ -58,7 +58,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from slora.config import EngineConfig, LoRAConfig, PoolConfig, SchedulerConfig
+    from slora.config import EngineConfig, PoolConfig, SchedulerConfig
     from slora.server.app import build_app
 
     adapters = {}
@@ -73,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=kwargs["model"], device=kwargs["device"], dtype=kwargs["dtype"], seed=args.seed,
         pool=PoolConfig(num_slots=kwargs["num_slots"], memory=kwargs["pool_memory"]),
         scheduler=SchedulerConfig(kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"], kwargs["max_model_len"]),
-        lora=LoRAConfig(adapters, args.lora_dir, args.max_lora_rank, args.max_cpu_adapters),
+        lora=LoRAConfig(adapters, args.lora_dir, args.max_lora_rank, args.max_cpu_adapters, args.adapter_prefetch),
     )
     options = ServerOptions(served_model_name=args.served_model_name, api_key=args.api_key,
                             adapter_root=args.adapter_root, max_queue=args.max_queue,
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora-dir", default=None, help="serve every adapter folder inside DIR, named after its folder")
     serve.add_argument("--max-lora-rank", type=int, default=256)
     serve.add_argument("--max-cpu-adapters", type=int, default=None, help="adapters kept packed in host memory")
+    serve.add_argument("--adapter-prefetch", type=int, default=LoRAConfig.prefetch,
+                       help="adapters of waiting requests loaded into the pool ahead, per step (0: off)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("SLORA_API_KEY") or None,

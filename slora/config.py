@@ -141,6 +141,7 @@ class LoRAConfig:
     lora_dir: str | None = None  # every sub-folder holding an adapter_config.json is an adapter
     max_lora_rank: int = 256
     max_cpu_adapters: int | None = None  # packed host copies kept; the rest are re-read from disk
+    prefetch: int = 4  # adapters of waiting requests loaded ahead per step, while the GPU computes; 0 = off
 
 
 @dataclass

@@ -165,6 +165,7 @@ class LLMEngine:
             "registered": len(self.registry), "resident": len(self.residency.resident_names()),
             "host_cached": len(self.residency.store), "loads": self.residency.stats.loads,
             "evictions": self.residency.stats.evictions, "hits": self.residency.stats.hits,
+            "prefetches": self.residency.stats.prefetches,
             "disk_loads": self.residency.store.stats.disk_loads,
             "host_evictions": self.residency.store.stats.host_evictions,
             "adapter_slots": pool.adapter_slots, "kv_slots": pool.kv_slots,
@@ -210,11 +211,22 @@ class LLMEngine:
                                                   self.config.lora_kernel)
             bucket = self.graphs.bucket(batch) if self.graphs is not None else None
             logits = self.model(batch) if bucket is None else self.graphs.run(batch, bucket)
+            self._prefetch_adapters()  # while the GPU computes the step just launched
             for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):
                 request.num_computed_tokens += num_new
                 touched.add(request.group_id)
             sampled = [scheduled.requests[i] for i in sampling]
             self._append_tokens(sampled, logits)
+
+    def _prefetch_adapters(self) -> None:
+        """Load the adapters of the next waiting requests ahead; one that cannot be read is left for its
+        request's admission to fail, as it would without prefetching."""
+        for name in self.scheduler.adapters_to_prefetch(self.config.lora.prefetch):
+            try:
+                self.residency.prefetch(name)
+            except Exception:
+                logger.warning("prefetching adapter %r failed; its requests will fail at admission", name,
+                               exc_info=True)
 
     def _append_tokens(self, requests: list[Request], logits: torch.Tensor) -> None:
         inputs = [SampleInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in requests]

@@ -36,6 +36,7 @@ class LLM:
         lora_dir: str | None = None,
         max_lora_rank: int = 256,
         max_cpu_adapters: int | None = None,
+        adapter_prefetch: int = LoRAConfig.prefetch,
         backend: str | None = None,
         cuda_graphs: bool | None = None,
         lora_kernel: str = "auto",
@@ -44,7 +45,7 @@ class LLM:
             model=model, device=device, dtype=dtype, seed=seed,
             pool=PoolConfig(num_slots=num_slots, memory=pool_memory),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
-            lora=LoRAConfig(dict(adapters or {}), lora_dir, max_lora_rank, max_cpu_adapters),
+            lora=LoRAConfig(dict(adapters or {}), lora_dir, max_lora_rank, max_cpu_adapters, adapter_prefetch),
             backend=backend, cuda_graphs=cuda_graphs, lora_kernel=lora_kernel,
         )
         self.engine = LLMEngine(config)

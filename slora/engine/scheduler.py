@@ -16,6 +16,7 @@ be loaded (its weights are checked when first read) fails alone, in `ScheduledBa
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -93,6 +94,27 @@ class Scheduler:
             self._grant(batch, request, num_tokens)
             budget -= num_tokens
         return batch
+
+    def adapters_to_prefetch(self, limit: int) -> list[str]:
+        """Adapters of the next waiting requests (at most `max_num_seqs` of them: what the next batches
+        admit), not yet resident, that fit in the pool's free slots beyond what those requests and one
+        more token of every running one will take."""
+        if self.residency is None or limit <= 0:
+            return []
+        names: list[str] = []
+        reserve = len(self.running)
+        for request in itertools.islice(self.waiting, self.config.max_num_seqs):
+            reserve += request.num_tokens - request.num_computed_tokens
+            adapter = request.adapter
+            if adapter is None or adapter in names or self.residency.is_resident(adapter):
+                continue
+            reserve += self.residency.slots_needed(adapter)
+            if self.pool.num_free < reserve:
+                break
+            names.append(adapter)
+            if len(names) == limit:
+                break
+        return names
 
     def _make_room(self, num_slots: int, keep: str | None = None) -> bool:
         """True when `num_slots` are free, after evicting idle adapters if that is what it takes."""

@@ -5,10 +5,15 @@ slots next to the KV cache and its host rows are copied into those slots in ever
 requests hold a reference to their adapter, so it cannot be evicted under them; an adapter with no
 reference stays resident (a later request hits it) until its slots are needed, then the least
 recently used idle adapter goes first.
+
+Adapters of requests still waiting can be loaded ahead (`prefetch`), while the GPU computes a step:
+on CUDA every load is issued on a copy stream of its own and the compute stream waits for it only
+when a request that uses the adapter is admitted (`acquire`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,6 +34,7 @@ class ResidentAdapter:
     layer_ranks: dict[tuple[int, str], int]
     layer_scalings: dict[tuple[int, str], float]
     references: int = 0
+    copied: torch.cuda.Event | None = None  # recorded on the copy stream after its rows were written
 
 
 @dataclass
@@ -36,6 +42,7 @@ class ResidencyStats:
     loads: int = 0  # host -> pool copies
     evictions: int = 0
     hits: int = 0  # a request found its adapter already resident
+    prefetches: int = 0  # loads made for a request still waiting (counted in `loads` too)
 
 
 class AdapterResidency:
@@ -46,6 +53,8 @@ class AdapterResidency:
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU order, oldest first
         self._layouts: dict[str, RowLayout] = {}
         self.stats = ResidencyStats()
+        device = pool.layers[0].device
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def slots_needed(self, name: str) -> int:
         """Free slots that admitting a request of this adapter costs (0 if it is resident)."""
@@ -78,8 +87,17 @@ class AdapterResidency:
         else:
             self.stats.hits += 1
             self._resident.move_to_end(name)
+        if adapter.copied is not None:  # the step that uses it runs after its rows are in the pool
+            torch.cuda.current_stream(self.pool.layers[0].device).wait_event(adapter.copied)
+            adapter.copied = None
         adapter.references += 1
         return adapter
+
+    def prefetch(self, name: str) -> None:
+        """Load an adapter a waiting request will need, with no reference: it stays evictable."""
+        if name not in self._resident:
+            self._load(name)
+            self.stats.prefetches += 1
 
     def release(self, name: str) -> None:
         self._resident[name].references -= 1
@@ -104,10 +122,17 @@ class AdapterResidency:
         slot_ids = self.pool.allocate(host.layout.num_slots, "adapter")
         device = self.pool.layers[0].device
         slots = torch.tensor(slot_ids, dtype=torch.int64)
-        row_table = torch.stack((2 * slots, 2 * slots + 1), dim=1).flatten()[: host.layout.num_rows].to(device)
-        for layer in range(len(self.pool.layers)):
-            self.pool.rows(layer)[row_table] = host.rows[layer].to(device, non_blocking=True)
+        # The slots are free, so no kernel in flight reads them; the engine synchronises every step,
+        # so nothing the copy stream allocates is freed while the compute stream may still read it.
+        stream = self._copy_stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            row_table = torch.stack((2 * slots, 2 * slots + 1), dim=1).flatten()[: host.layout.num_rows].to(device)
+            for layer in range(len(self.pool.layers)):
+                self.pool.rows(layer)[row_table] = host.rows[layer].to(device, non_blocking=True)
         adapter = ResidentAdapter(name, host.layout, slot_ids, row_table, spec.layer_ranks, spec.layer_scalings)
+        if stream is not None:
+            adapter.copied = torch.cuda.Event()
+            adapter.copied.record(stream)
         self._resident[name] = adapter
         self.stats.loads += 1
         return adapter

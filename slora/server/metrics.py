@@ -39,6 +39,7 @@ class _EngineCollector(Collector):
         yield adapters
         for key, doc in (("loads", "adapter copies into the pool"), ("evictions", "adapters evicted from the pool"),
                          ("hits", "requests whose adapter was already resident"),
+                         ("prefetches", "adapters loaded into the pool while their requests waited"),
                          ("disk_loads", "adapters read from disk into host memory")):
             counter = CounterMetricFamily(f"slora_adapter_{key}", doc)
             counter.add_metric([], s.lora.get(key, 0))
