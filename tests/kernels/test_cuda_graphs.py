@@ -93,3 +93,17 @@ def test_launches_do_not_depend_on_the_batch(model_and_adapters, device, monkeyp
     llm.generate([p + [30, 31] for p in PROMPTS[:5]], params, ["r16", "r16", "r2", None, "r2"])  # 5: other ones
     assert len(launches) == 2 and launches[0]
     assert launches[0] == launches[1]
+
+
+def test_graph_path_under_preemption(model_and_adapters, device):
+    """A pool too small for the whole batch: sequences are preempted, recomputed and rejoin the decode
+    batches (other rows, other buckets); the tokens are still the reference's."""
+    folder, adapters = model_and_adapters
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outputs = {}
+    for backend, graphs in (("torch", False), ("triton", True)):
+        llm = LLM(model=str(folder), device=str(device), dtype="float32", backend=backend, adapters=adapters,
+                  num_slots=90, max_num_seqs=8, max_lora_rank=16, cuda_graphs=graphs)
+        outputs[backend] = [o.token_ids for o in llm.generate(PROMPTS, params, NAMES)]
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert outputs["triton"] == outputs["torch"]
