@@ -1,0 +1,115 @@
+"""Compile every Triton kernel of slora for a GPU target, on a machine without a GPU.
+
+    python scripts/compile_kernels.py [--arch 90] [--arch 80]
+
+Triton's interpreter (how CI runs the kernels on the CPU) executes them as Python, so it cannot see
+what only the compiler checks: types that do not unify, constexpr misuse, shapes `tl.dot` refuses,
+register or shared-memory limits. This compiles each kernel, in the launch configurations the
+code uses (fp16 and bf16, every constexpr branch), down to a cubin for each `--arch` (default sm_90,
+the H100), with Triton's bundled ptxas. Prints one line per compile; exits 1 if any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not interpreted ones
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from slora.kernels import triton_attention, triton_fused, triton_lora  # noqa: E402
+
+FLOAT_SCALARS = {"eps", "qk_scale"}
+
+
+def _pointers(data: str, **extra: str) -> dict[str, str]:
+    """Pointer types by argument name: `data` for the model's tensors, int32 tables, float32 buffers."""
+    types = {name: data for name in ("x_ptr", "y_ptr", "rows_ptr", "q_ptr", "k_ptr", "v_ptr", "o_ptr", "kv_ptr",
+                                     "out_ptr", "weight_ptr", "residual_ptr", "gate_up_ptr")}
+    types.update({name: "*i32" for name in ("row_table_ptr", "a_offsets_ptr", "b_offsets_ptr", "ranks_ptr",
+                                            "modules_ptr", "token_indices_ptr", "segment_starts_ptr",
+                                            "token_adapters_ptr", "tile_starts_ptr", "columns_ptr", "widths_ptr",
+                                            "b_chunks_ptr", "slots_ptr", "context_lens_ptr", "query_starts_ptr",
+                                            "query_lens_ptr")})
+    types.update({name: "*fp32" for name in ("scalings_ptr", "partial_o_ptr", "partial_lse_ptr", "cos_ptr",
+                                             "sin_ptr")})
+    types.update(extra)
+    return types
+
+
+def _grid(**options: tuple) -> list[dict]:
+    return [dict(zip(options, values)) for values in itertools.product(*options.values())]
+
+
+def cases() -> list[tuple[object, dict[str, str], dict]]:
+    """(kernel, pointer types, constexprs) for every configuration the launchers can choose."""
+    out = []
+    for data in ("*fp16", "*bf16"):
+        lora = _pointers(data, v_ptr="*fp32")  # LoRA's v is the float32 shrink result
+        for c in _grid(BLOCK_M=(16, 64), BLOCK_R=(16, 64), BLOCK_K=(128,), SPLIT_K=(1, 4), DOT_MODE=("native",)):
+            out.append((triton_lora._shrink_segments, lora, c))
+        for c in _grid(P=(1, 2, 3), BLOCK_M=(16, 64), BLOCK_R=(16,), BLOCK_N=(128,), SPLIT_K=(1, 4),
+                       DOT_MODE=("native",)):
+            out.append((triton_lora._expand_segments, lora, c))
+        for c in _grid(BLOCK_R=(16, 64), BLOCK_K=(256,), SPLIT_K=(1, 4)):
+            out.append((triton_lora._shrink_tokens, lora, c))
+        for c in _grid(P=(1, 3), BLOCK_R=(16,), BLOCK_N=(128,), SPLIT_K=(1, 4)):
+            out.append((triton_lora._expand_tokens, lora, c))
+        fused = _pointers(data, positions_ptr="*i64", slots_ptr="*i64")
+        for c in _grid(HAS_RESIDUAL=(False, True), BLOCK=(1024, 4096, 8192)):
+            out.append((triton_fused._add_rms_norm, fused, c))
+        for c in _grid(BLOCK_H=(32, 64), BLOCK_KVH=(8, 32), BLOCK_D=(64,)):
+            out.append((triton_fused._rotate_and_write_kv, fused, c))
+        out.append((triton_fused._silu_and_mul, fused, {"BLOCK": 1024}))
+        attention = _pointers(data)
+        for c in _grid(GROUP=(1, 4, 8), BLOCK_G=(16,), BLOCK_N=(64,), BLOCK_D=(128,), NUM_SPLITS=(1, 4),
+                       DOT_MODE=("native",)):
+            out.append((triton_attention._decode, attention, c))
+        for c in _grid(GROUP=(1, 4), BLOCK_M=(64,), BLOCK_N=(64,), BLOCK_D=(128,), DOT_MODE=("native",)):
+            out.append((triton_attention._prefill, attention, c))
+    out.append((triton_attention._merge_splits, _pointers("*fp16"), {"NUM_SPLITS": 4, "BLOCK_S": 4, "BLOCK_D": 128}))
+    return out
+
+
+def compile_case(kernel, pointers: dict[str, str], constexprs: dict, arch: int) -> str | None:
+    """None if the kernel compiles to a cubin, else the error."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = pointers.get(name, "fp32" if name in FLOAT_SCALARS else "i32")
+    fixed = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=fixed),
+                                  target=GPUTarget("cuda", arch, 32))
+    except Exception as error:  # noqa: BLE001 - reported, with the configuration
+        return f"{type(error).__name__}: {error}"
+    return None if compiled.asm.get("cubin") else "no cubin produced"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, action="append", help="SM version(s), e.g. 90 (H100), 80 (A100)")
+    args = parser.parse_args()
+    failures = 0
+    for arch in args.arch or [90]:
+        for kernel, pointers, constexprs in cases():
+            error = compile_case(kernel, pointers, constexprs, arch)
+            data = pointers["q_ptr"].removeprefix("*")
+            print(f"{'FAIL' if error else 'ok  '} sm_{arch} {kernel.__name__:<22} {data:<5} {constexprs}"
+                  + (f"\n     {error[:2000]}" if error else ""), flush=True)
+            failures += bool(error)
+    print(f"{failures} failed" if failures else "all compiled")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
