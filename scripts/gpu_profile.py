@@ -112,10 +112,11 @@ def profile_system(session: BenchSession, system: str, num_adapters: int, batch:
     by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
     launches = sum(e.count for e in events if e.self_device_time_total > 0)
     graphs_used = engine.graphs is not None and engine.graphs.enabled
+    step_stats = engine.step_stats()  # how many steps were graph replays
     del engine
     torch.cuda.empty_cache()
     return {
-        "system": system, "cuda_graphs": graphs_used, "num_adapters": num_adapters if system != "base-only" else 0,
+        "system": system, "cuda_graphs": graphs_used, "step_stats": step_stats, "num_adapters": num_adapters if system != "base-only" else 0,
         "batch": info["measured_batch"],
         "prompt_len": prompt_len, "decode_steps_timed": len(measured), "step_wall_ms_median": wall_ms,
         "gpu_busy_ms_per_step": kernel_us / 1e3, "gpu_busy_fraction": kernel_us / 1e3 / wall_ms,

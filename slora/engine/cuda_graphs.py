@@ -53,6 +53,7 @@ class DecodeGraphs:
         self.scratch_slot = scratch_slot
         self.capture = capture
         self.enabled = True
+        self.replays = 0  # decode steps run through a bucket's static batch (a graph, when capturing)
         self.buckets = tuple(b for b in BUCKETS if b < limits.max_batch) + (limits.max_batch,)
         device = kv_cache[0].device
         n, int32, int64 = limits.max_batch, torch.int32, torch.int64
@@ -98,6 +99,7 @@ class DecodeGraphs:
         if key not in self._graphs:
             self._graphs[key] = self._record(bucket, with_lora)
         graph, static_batch, logits = self._graphs[key]
+        self.replays += 1
         if graph is None:
             logits = self.model(static_batch)
         else:
@@ -132,6 +134,11 @@ class DecodeGraphs:
         static.token_adapters[:tokens].copy_(lora.token_adapters)
         static.segment_starts[: segments + 1].copy_(lora.segment_starts)
         static.segment_starts[segments + 1 : bucket + 1] = tokens  # the rest of the bucket's segments: empty
+
+    @property
+    def captured(self) -> int:
+        """Graphs recorded so far (one per bucket and LoRA or not, on first use)."""
+        return sum(graph is not None for graph, _, _ in self._graphs.values())
 
     # --- capture ----------------------------------------------------------------------------------
     def _static_batch(self, bucket: int, with_lora: bool) -> ForwardBatch:

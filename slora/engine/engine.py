@@ -78,6 +78,7 @@ class LLMEngine:
             self.registry.add_folder(config.lora.lora_dir)
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
+        self.num_steps = 0  # steps that ran a forward pass
         self.graphs = self._decode_graphs()
         torch.manual_seed(config.seed)
 
@@ -171,6 +172,13 @@ class LLMEngine:
             "adapter_slots": pool.adapter_slots, "kv_slots": pool.kv_slots,
         }
 
+    def step_stats(self) -> dict[str, int]:
+        """Forward passes so far, how many were decode steps replayed as CUDA graphs, and graphs captured."""
+        graphs = self.graphs
+        replayed = graphs.replays if graphs is not None and graphs.capture else 0
+        return {"steps": self.num_steps, "graph_steps": replayed,
+                "graphs_captured": graphs.captured if graphs is not None else 0}
+
     def abort(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
         for member in group.members if group else []:
@@ -211,6 +219,7 @@ class LLMEngine:
                                                   self.config.lora_kernel)
             bucket = self.graphs.bucket(batch) if self.graphs is not None else None
             logits = self.model(batch) if bucket is None else self.graphs.run(batch, bucket)
+            self.num_steps += 1
             self._prefetch_adapters()  # while the GPU computes the step just launched
             for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):
                 request.num_computed_tokens += num_new

@@ -70,6 +70,7 @@ class EngineSnapshot:
     adapter_slots: int = 0
     adapters: dict[str, str] = field(default_factory=dict)  # name -> folder
     lora: dict[str, int] = field(default_factory=dict)  # engine.lora_stats()
+    steps: dict[str, int] = field(default_factory=dict)  # engine.step_stats()
 
 
 class RequestStream:
@@ -323,7 +324,7 @@ class AsyncEngine:
         self.snapshot = EngineSnapshot(
             running=len(scheduler.running), waiting=len(scheduler.waiting), num_slots=pool.num_slots,
             free_slots=pool.free_slots, kv_slots=pool.kv_slots, adapter_slots=pool.adapter_slots,
-            adapters=self._adapters, lora=self.engine.lora_stats(),
+            adapters=self._adapters, lora=self.engine.lora_stats(), steps=self.engine.step_stats(),
         )
 
 

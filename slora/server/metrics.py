@@ -44,6 +44,13 @@ class _EngineCollector(Collector):
             counter = CounterMetricFamily(f"slora_adapter_{key}", doc)
             counter.add_metric([], s.lora.get(key, 0))
             yield counter
+        steps = CounterMetricFamily("slora_engine_steps", "forward passes, by how they ran", labels=["mode"])
+        graph_steps = s.steps.get("graph_steps", 0)
+        steps.add_metric(["cuda_graph"], graph_steps)
+        steps.add_metric(["eager"], s.steps.get("steps", 0) - graph_steps)
+        yield steps
+        yield _gauge("slora_cuda_graphs_captured", "decode graphs captured (per batch bucket, with or without LoRA)",
+                     s.steps.get("graphs_captured", 0))
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -275,6 +275,8 @@ def test_metrics_parse_and_move_with_the_load(server, client):
     assert after["slora_adapter_loads_total"] + after["slora_adapter_hits_total"] > \
         before["slora_adapter_loads_total"] + before["slora_adapter_hits_total"]
     assert after["slora_pool_slots_total"] > 0 and after["slora_adapters{state=registered}"] >= 16
+    assert after["slora_engine_steps_total{mode=eager}"] > before["slora_engine_steps_total{mode=eager}"]
+    assert after["slora_engine_steps_total{mode=cuda_graph}"] == 0 and after["slora_cuda_graphs_captured"] == 0  # CPU
 
 
 def test_health_and_version(server):
