@@ -9,8 +9,9 @@ What a graph reads must be at the same addresses, with the same launch grids, at
 - a batch of B sequences runs the graph of the smallest bucket >= B; rows past B are padding (token
   0 at position 0, attending to one scratch slot of the pool that no request owns);
 - launch sizes come from limits, never from the batch: the longest context (`max_context`), the
-  largest LoRA rank (`max_lora_rank`), one segment per row (segments past the batch's adapters are
-  empty and their programs exit at once).
+  largest LoRA rank (`max_lora_rank`), one segment and one LoRA token per row (segments past the
+  batch's adapters are empty, and token-form programs past its LoRA tokens read an adapter column
+  of rank 0: both exit at once). Graphs are kept per bucket and LoRA form (or none).
 
 `capture=False` (the CPU, in tests) runs the same static batch eagerly: what a graph would record,
 so that a CPU test proves the buffers are filled right and the launches never depend on the batch.
@@ -72,7 +73,8 @@ class DecodeGraphs:
             scalings=zeros(layers, modules, n, dtype=torch.float32), token_indices=zeros(n), token_adapters=zeros(n),
             segment_starts=zeros(n + 1), max_ranks=[[limits.max_lora_rank] * modules for _ in range(layers)],
             max_segment_len=1)
-        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph | None, ForwardBatch, torch.Tensor | None]] = {}
+        self._graphs: dict[tuple[int, str | None], tuple[torch.cuda.CUDAGraph | None, ForwardBatch,
+                                                         torch.Tensor | None]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
 
     # --- which steps ------------------------------------------------------------------------------
@@ -93,11 +95,11 @@ class DecodeGraphs:
     # --- one step ---------------------------------------------------------------------------------
     def run(self, batch: ForwardBatch, bucket: int) -> torch.Tensor:
         """Logits of `batch.logits_indices`, computed by the bucket's graph over the static buffers."""
-        with_lora = batch.lora is not None
+        lora_form = batch.lora.form if batch.lora is not None else None  # the Triton LoRA form, or none
         self._fill(batch, bucket)
-        key = (bucket, with_lora)
+        key = (bucket, lora_form)
         if key not in self._graphs:
-            self._graphs[key] = self._record(bucket, with_lora)
+            self._graphs[key] = self._record(bucket, lora_form)
         graph, static_batch, logits = self._graphs[key]
         self.replays += 1
         if graph is None:
@@ -134,6 +136,9 @@ class DecodeGraphs:
         static.token_adapters[:tokens].copy_(lora.token_adapters)
         static.segment_starts[: segments + 1].copy_(lora.segment_starts)
         static.segment_starts[segments + 1 : bucket + 1] = tokens  # the rest of the bucket's segments: empty
+        if tokens < bucket:  # the token form's programs past the LoRA tokens: an adapter column of rank 0
+            static.token_adapters[tokens:bucket] = segments
+            static.ranks[:, :, segments] = 0
 
     @property
     def captured(self) -> int:
@@ -141,7 +146,7 @@ class DecodeGraphs:
         return sum(graph is not None for graph, _, _ in self._graphs.values())
 
     # --- capture ----------------------------------------------------------------------------------
-    def _static_batch(self, bucket: int, with_lora: bool) -> ForwardBatch:
+    def _static_batch(self, bucket: int, lora_form: str | None) -> ForwardBatch:
         from slora.kernels.triton_lora import TritonLoRA
 
         table = SlotTable(self.slots[:bucket], self.context_lens[:bucket], self.query_starts[:bucket],
@@ -149,16 +154,16 @@ class DecodeGraphs:
         attention = AttentionMetadata(self.slot_mapping[:bucket], list(range(bucket)), [1] * bucket, None,
                                       self.limits.scale, table)
         lora = None
-        if with_lora:
+        if lora_form is not None:
             s = self.lora
             view = LoRABatch([], s.row_table, s.a_offsets, s.b_offsets, s.ranks, s.scalings, s.token_indices[:bucket],
                              s.token_adapters[:bucket], s.segment_starts[: bucket + 1], s.max_ranks, 1)
-            lora = TritonLoRA(self.kv_cache, view)
+            lora = TritonLoRA(self.kv_cache, view, form=lora_form)
         return ForwardBatch(self.input_ids[:bucket], self.positions[:bucket], self.logits_indices[:bucket], attention,
                             self.kv_cache, lora, backend="triton")
 
-    def _record(self, bucket: int, with_lora: bool):
-        static_batch = self._static_batch(bucket, with_lora)
+    def _record(self, bucket: int, lora_form: str | None):
+        static_batch = self._static_batch(bucket, lora_form)
         if not self.capture:
             return None, static_batch, None
         try:

@@ -219,7 +219,7 @@ class LoRAKernelConfig:
     block_r: int | None = None  # rank rows per tile
     block_k: int | None = None  # input features per step of shrink (divides kv_dim)
     block_n: int | None = None  # output features per tile of expand (divides kv_dim)
-    split_k: int | None = None  # shrink programs along the input features (atomic adds into v)
+    split_k: int | None = None  # shrink programs along the input features (partials summed by expand)
     m_splits: int | None = None  # programs along one segment's tokens (segment form)
     num_warps: int | None = None
 

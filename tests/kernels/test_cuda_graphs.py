@@ -107,3 +107,14 @@ def test_graph_path_under_preemption(model_and_adapters, device):
         outputs[backend] = [o.token_ids for o in llm.generate(PROMPTS, params, NAMES)]
         assert llm.engine.scheduler.num_preemptions > 0
     assert outputs["triton"] == outputs["torch"]
+
+
+def test_graph_path_keeps_the_chosen_lora_form(model_and_adapters, device):
+    folder, adapters = model_and_adapters
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    expected = [o.token_ids for o in _llm(model_and_adapters, device, "torch", False).generate(PROMPTS[:3], params,
+                                                                                             NAMES[:3])]
+    llm = LLM(model=str(folder), device=str(device), dtype="float32", backend="triton", adapters=adapters,
+              num_slots=512, max_num_seqs=4, max_lora_rank=16, cuda_graphs=True, lora_kernel="token")
+    assert [o.token_ids for o in llm.generate(PROMPTS[:3], params, NAMES[:3])] == expected
+    assert {key[1] for key in llm.engine.graphs._graphs} == {"token"}
