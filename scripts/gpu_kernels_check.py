@@ -116,42 +116,12 @@ def attention_check(name: str, shape: tuple[int, int, int], query_lens: list[int
 
 def fused_ops_check(shape: str, tokens: int, dtype: torch.dtype, seed: int = 0) -> None:
     """RMSNorm with residual, rotary + K/V write, SiLU-and-mul at a model's shapes, against the torch model's ops."""
-    import torch.nn.functional as F
-
-    from slora.kernels.attention import write_kv
-    from slora.kernels.triton_fused import add_rms_norm, rotate_and_write_kv, silu_and_mul
-    from slora.models.llama import RMSNorm, RotaryEmbedding
-
     start = time.time()
-    config = bench.model_shape(shape)
-    generator = torch.Generator().manual_seed(seed)
-    randn = lambda *size: torch.randn(*size, generator=generator).to(DEVICE, dtype)  # noqa: E731
-    errors = []
-
-    def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-        return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
-
-    norm = RMSNorm(config.hidden_size, 1e-5).to(DEVICE, dtype)
-    norm.weight.data = 1 + randn(config.hidden_size)
-    x, residual = randn(tokens, config.hidden_size), randn(tokens, config.hidden_size)
-    out, new_residual = add_rms_norm(x, norm.weight, norm.eps, residual.clone())
-    errors += [relative(out, norm(residual + x)), 0.0 if torch.equal(new_residual, residual + x) else float("inf")]
-    rotary = RotaryEmbedding(config, 8192).to(DEVICE)
-    heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-    q, k, v = randn(tokens, heads, head_dim), randn(tokens, kv_heads, head_dim), randn(tokens, kv_heads, head_dim)
-    positions = torch.randint(0, 8192, (tokens,), generator=generator).to(DEVICE)
-    slots = torch.randperm(2 * tokens, generator=generator)[:tokens].to(DEVICE)
-    pool = randn(2 * tokens, 2, kv_heads, head_dim)
-    expected_q, expected_k = rotary(positions, q, k)
-    expected_pool = pool.clone()
-    write_kv(expected_pool, slots, expected_k, v)
-    rotate_and_write_kv(q, k, v, positions, rotary.cos, rotary.sin, pool, slots)
-    errors += [relative(q, expected_q), relative(pool, expected_pool)]
-    gate_up = 4 * randn(tokens, 2 * config.intermediate_size)
-    gate, up = gate_up.chunk(2, dim=-1)
-    errors.append(relative(silu_and_mul(gate_up), F.silu(gate) * up))
+    results = bench.fused_ops_cases(tokens, bench.model_shape(shape), dtype, DEVICE, lambda fn: 0.0,
+                                    torch.Generator().manual_seed(seed))
     torch.cuda.synchronize()
-    record(f"fused ops {shape}: norm+residual, rotary+kv write, silu*up ({tokens} tokens)", dtype, max(errors),
+    error = max(r.max_error for r in results if r.max_error is not None)
+    record(f"fused ops {shape}: norm+residual, rotary+kv write, silu*up ({tokens} tokens)", dtype, error,
            ATTENTION_TOLERANCE[dtype], time.time() - start)
 
 

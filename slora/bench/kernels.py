@@ -10,7 +10,9 @@ For one model shape (Llama-2-7B by default) and dtype, on synthetic weights in s
   the largest rank, then `torch.bmm`), `padded_bmm` (at each op, gather each adapter's rows once,
   padded to the largest rank, then every token `torch.bmm`s with its adapter's) and `triton_padded`
   (the segment kernel over copies of the adapters padded to the largest rank);
-- paged attention: decode at 1k and 4k contexts, and a prefill.
+- paged attention: decode at 1k and 4k contexts, and a prefill;
+- the fused small ops (residual + RMSNorm, rotary + K/V write, SiLU-and-mul) against the torch ops
+  the reference model runs, at the decode batch's token count.
 
 Each kernel's time is reported with the bandwidth it achieves over the bytes it must read and write
 (the batch's distinct adapters' A and B once, x, y read and written; K/V of every context once),
@@ -436,6 +438,66 @@ def attention_case(case: str, query_lens: list[int], context_lens: list[int], co
     return results
 
 
+def fused_ops_cases(tokens: int, config: ModelConfig, dtype: torch.dtype, device: torch.device, measure,
+                    generator: torch.Generator) -> list[Result]:
+    """The fused small ops (`kernels/triton_fused.py`) against the torch ops the reference model runs:
+    residual add + RMSNorm, rotary of q/k + K/V write into the pool, SiLU-and-mul; `tokens` rows each."""
+    import torch.nn.functional as F
+
+    from slora.kernels import triton_fused
+    from slora.kernels.attention import write_kv
+    from slora.models.llama import RMSNorm, RotaryEmbedding
+
+    randn = lambda *size: torch.randn(*size, generator=generator).to(device, dtype)  # noqa: E731
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+    element = torch.empty((), dtype=dtype).element_size()
+    norm = RMSNorm(hidden, 1e-5).to(device, dtype)
+    norm.weight.data = 1 + randn(hidden)
+    x, residual = randn(tokens, hidden), randn(tokens, hidden)
+    rotary = RotaryEmbedding(config, 8192).to(device)
+    q, k, v = randn(tokens, heads, head_dim), randn(tokens, kv_heads, head_dim), randn(tokens, kv_heads, head_dim)
+    positions = torch.randint(0, 8192, (tokens,), generator=generator).to(device)
+    slots = torch.randperm(2 * tokens, generator=generator)[:tokens].to(device)
+    pool = randn(2 * tokens, 2, kv_heads, head_dim)
+    gate_up = 4 * randn(tokens, 2 * inter)
+
+    def torch_rotary(out_pool: torch.Tensor = pool):
+        rotated_q, rotated_k = rotary(positions, q, k)
+        write_kv(out_pool, slots, rotated_k, v)
+        return rotated_q, out_pool
+
+    def triton_rotary(out_q: torch.Tensor = q, out_k: torch.Tensor = k, out_pool: torch.Tensor = pool):
+        triton_fused.rotate_and_write_kv(out_q, out_k, v, positions, rotary.cos, rotary.sin, out_pool, slots)
+        return out_q, out_pool
+
+    def triton_norm(out_residual: torch.Tensor = residual):
+        return triton_fused.add_rms_norm(x, norm.weight, norm.eps, out_residual)[0]
+
+    q_bytes, kv_bytes = tokens * heads * head_dim, tokens * kv_heads * head_dim
+    # case: (torch reference, fused op, bytes moved, and the two again on copies of what they write in place)
+    ops = {
+        f"rms_norm_residual[{tokens} tokens]": (
+            lambda: norm(residual + x), triton_norm, (4 * tokens * hidden + hidden) * element,
+            lambda: norm(residual + x), lambda: triton_norm(residual.clone())),
+        f"rotary_kv_write[{tokens} tokens]": (
+            torch_rotary, triton_rotary, (2 * q_bytes + 4 * kv_bytes) * element + tokens * head_dim * 4,
+            lambda: torch_rotary(pool.clone()), lambda: triton_rotary(q.clone(), k.clone(), pool.clone())),
+        f"silu_mul[{tokens} tokens]": (
+            lambda: F.silu(gate_up[:, :inter]) * gate_up[:, inter:], lambda: triton_fused.silu_and_mul(gate_up),
+            3 * tokens * inter * element,
+            lambda: F.silu(gate_up[:, :inter]) * gate_up[:, inter:], lambda: triton_fused.silu_and_mul(gate_up)),
+    }
+    results = []
+    for case, (reference, fused, num_bytes, reference_on_copies, fused_on_copies) in ops.items():
+        expected, got = reference_on_copies(), fused_on_copies()
+        pairs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
+        error = max(((b.float() - a.float()).abs().max() / a.float().abs().max()).item() for a, b in pairs)
+        results.append(Result(case, "torch_reference", measure(reference), num_bytes, 0))
+        results.append(Result(case, "triton", measure(fused), num_bytes, 0, max_error=error))
+    return results
+
+
 # --- the whole benchmark ------------------------------------------------------------------------------
 def commit_of_checkout() -> str:
     try:
@@ -494,6 +556,7 @@ def run(settings: Settings, device: torch.device, log=print) -> Report:
     cases.append(lambda: attention_case(
         f"attention_prefill[{len(settings.prefill_seqs)} seqs, {sum(settings.prefill_seqs)} tokens]",
         list(settings.prefill_seqs), list(settings.prefill_seqs), config, dtype, device, measure, generator))
+    cases.append(lambda: fused_ops_cases(settings.decode_tokens, config, dtype, device, measure, generator))
     for case in cases:
         results = [_finish(r, copy_gbps, peak) for r in case()]
         reference = {r.case: r.time_us for r in results if r.method == "torch_reference"}
