@@ -49,31 +49,31 @@ def _grid(**options: tuple) -> list[dict]:
 
 
 def cases() -> list[tuple[object, dict[str, str], dict]]:
-    """(kernel, pointer types, constexprs) for every configuration the launchers can choose."""
+    """(kernel, pointer types, constexprs): every constexpr branch the launchers can take (module counts,
+    splits, GQA, residual or not), in fp16 and bf16, at the block sizes they use on a GPU."""
     out = []
     for data in ("*fp16", "*bf16"):
         lora = _pointers(data, v_ptr="*fp32")  # LoRA's v is the float32 shrink result
-        for c in _grid(BLOCK_M=(16, 64), BLOCK_R=(16, 64), BLOCK_K=(128,), SPLIT_K=(1, 4), DOT_MODE=("native",)):
-            out.append((triton_lora._shrink_segments, lora, c))
-        for c in _grid(P=(1, 2, 3), BLOCK_M=(16, 64), BLOCK_R=(16,), BLOCK_N=(128,), SPLIT_K=(1, 4),
-                       DOT_MODE=("native",)):
-            out.append((triton_lora._expand_segments, lora, c))
-        for c in _grid(BLOCK_R=(16, 64), BLOCK_K=(256,), SPLIT_K=(1, 4)):
-            out.append((triton_lora._shrink_tokens, lora, c))
-        for c in _grid(P=(1, 3), BLOCK_R=(16,), BLOCK_N=(128,), SPLIT_K=(1, 4)):
-            out.append((triton_lora._expand_tokens, lora, c))
+        for c in ({"BLOCK_M": 16, "BLOCK_R": 64, "SPLIT_K": 1}, {"BLOCK_M": 64, "BLOCK_R": 16, "SPLIT_K": 4}):
+            out.append((triton_lora._shrink_segments, lora, c | {"BLOCK_K": 128, "DOT_MODE": "native"}))
+        for c in _grid(P=(1, 3), SPLIT_K=(1, 4)):
+            out.append((triton_lora._expand_segments, lora,
+                        c | {"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_N": 128, "DOT_MODE": "native"}))
+        for c in ({"BLOCK_R": 64, "SPLIT_K": 1}, {"BLOCK_R": 16, "SPLIT_K": 4}):
+            out.append((triton_lora._shrink_tokens, lora, c | {"BLOCK_K": 256}))
+        for c in _grid(P=(1, 3), SPLIT_K=(1, 4)):
+            out.append((triton_lora._expand_tokens, lora, c | {"BLOCK_R": 16, "BLOCK_N": 128}))
         fused = _pointers(data, positions_ptr="*i64", slots_ptr="*i64")
-        for c in _grid(HAS_RESIDUAL=(False, True), BLOCK=(1024, 4096, 8192)):
+        for c in _grid(HAS_RESIDUAL=(False, True), BLOCK=(4096,)):
             out.append((triton_fused._add_rms_norm, fused, c))
-        for c in _grid(BLOCK_H=(32, 64), BLOCK_KVH=(8, 32), BLOCK_D=(64,)):
-            out.append((triton_fused._rotate_and_write_kv, fused, c))
+        out.append((triton_fused._rotate_and_write_kv, fused, {"BLOCK_H": 32, "BLOCK_KVH": 8, "BLOCK_D": 64}))
         out.append((triton_fused._silu_and_mul, fused, {"BLOCK": 1024}))
         attention = _pointers(data)
-        for c in _grid(GROUP=(1, 4, 8), BLOCK_G=(16,), BLOCK_N=(64,), BLOCK_D=(128,), NUM_SPLITS=(1, 4),
-                       DOT_MODE=("native",)):
-            out.append((triton_attention._decode, attention, c))
-        for c in _grid(GROUP=(1, 4), BLOCK_M=(64,), BLOCK_N=(64,), BLOCK_D=(128,), DOT_MODE=("native",)):
-            out.append((triton_attention._prefill, attention, c))
+        for c in _grid(GROUP=(1, 8), NUM_SPLITS=(1, 4)):
+            out.append((triton_attention._decode, attention,
+                        c | {"BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "DOT_MODE": "native"}))
+        out.append((triton_attention._prefill, attention,
+                    {"GROUP": 4, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "DOT_MODE": "native"}))
     out.append((triton_attention._merge_splits, _pointers("*fp16"), {"NUM_SPLITS": 4, "BLOCK_S": 4, "BLOCK_D": 128}))
     return out
 

