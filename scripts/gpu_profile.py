@@ -15,6 +15,7 @@ Writes profile.json and profile.md to OUTDIR.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -40,12 +41,12 @@ PROFILED_STEPS = 3
 class PhaseTimer:
     """Wraps the engine's step phases to add up their host time, per step."""
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    def __init__(self) -> None:
         self.totals: dict[str, list[float]] = defaultdict(list)
         self.current: dict[str, float] = defaultdict(float)
 
-    def wrap(self, owner, name: str, phase: str) -> None:
+    def wrap(self, owner, name: str, phase: str):
+        """Time `owner.name` as `phase`; returns what undoes it."""
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
@@ -56,6 +57,7 @@ class PhaseTimer:
                 self.current[phase] += time.perf_counter() - start
 
         setattr(owner, name, timed)
+        return lambda: setattr(owner, name, original)
 
     def end_step(self, wall: float) -> None:
         self.current["step (wall)"] = wall
@@ -73,10 +75,12 @@ def profile_system(session: BenchSession, system: str, num_adapters: int, batch:
     adapters = session.adapters_for(wl.adapter_names(num_adapters)) if system != "base-only" else AdapterSet()
     session._register(engine, adapters)
     warm_up(engine, session._warmup_adapters(adapters), session.options.seed)
-    timer = PhaseTimer(engine)
+    timer = PhaseTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")
-    timer.wrap(engine_module, "build_forward_batch", "build batch tensors")
+    unwrap_build = timer.wrap(engine_module, "build_forward_batch", "build batch tensors")
     timer.wrap(engine.model, "forward", "issue forward pass")
+    if engine.graphs is not None:  # a replayed step does not call forward
+        timer.wrap(engine.graphs, "run", "issue forward pass")
     timer.wrap(engine, "_append_tokens", "sample + wait for GPU + append")
     original_step = engine.step
     state = {"decode_steps": 0, "profiler": None, "done": False}
@@ -105,6 +109,8 @@ def profile_system(session: BenchSession, system: str, num_adapters: int, batch:
     engine.step = step
     measured, info = probe_decode(engine, adapters.names, batch, prompt_len, steps + 2, session.options.seed)
     prof = state["profiler"]
+    if prof is None:
+        raise RuntimeError(f"{system}: fewer than {steps} decode steps at batch {batch} ran ({info})")
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events) / PROFILED_STEPS
     wall_ms = statistics.median(s.duration for s in measured) * 1e3
@@ -113,14 +119,17 @@ def profile_system(session: BenchSession, system: str, num_adapters: int, batch:
     launches = sum(e.count for e in events if e.self_device_time_total > 0)
     graphs_used = engine.graphs is not None and engine.graphs.enabled
     step_stats = engine.step_stats()  # how many steps were graph replays
-    del engine
+    phases = timer.summary_ms()
+    unwrap_build()  # the module-level wrapper would keep this engine (and its pool) alive
+    del engine, timer, state, step, original_step, prof, events
+    gc.collect()  # the wrapped methods hold the engine in cycles: free its pool before the next one is sized
     torch.cuda.empty_cache()
     return {
         "system": system, "cuda_graphs": graphs_used, "step_stats": step_stats, "num_adapters": num_adapters if system != "base-only" else 0,
         "batch": info["measured_batch"],
         "prompt_len": prompt_len, "decode_steps_timed": len(measured), "step_wall_ms_median": wall_ms,
         "gpu_busy_ms_per_step": kernel_us / 1e3, "gpu_busy_fraction": kernel_us / 1e3 / wall_ms,
-        "kernel_launches_per_step": launches / PROFILED_STEPS, "host_phases_ms_median": timer.summary_ms(),
+        "kernel_launches_per_step": launches / PROFILED_STEPS, "host_phases_ms_median": phases,
         "top_gpu": [{"name": e.key, "ms_per_step": e.self_device_time_total / 1e3 / PROFILED_STEPS,
                      "calls_per_step": e.count / PROFILED_STEPS} for e in by_gpu],
         "top_cpu": [{"name": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / PROFILED_STEPS,
