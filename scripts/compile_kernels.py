@@ -32,7 +32,7 @@ FLOAT_SCALARS = {"eps", "qk_scale"}
 def _pointers(data: str, **extra: str) -> dict[str, str]:
     """Pointer types by argument name: `data` for the model's tensors, int32 tables, float32 buffers."""
     types = {name: data for name in ("x_ptr", "y_ptr", "rows_ptr", "q_ptr", "k_ptr", "v_ptr", "o_ptr", "kv_ptr",
-                                     "out_ptr", "weight_ptr", "residual_ptr", "gate_up_ptr")}
+                                     "out_ptr", "weight_ptr", "residual_ptr")}
     types.update({name: "*i32" for name in ("row_table_ptr", "a_offsets_ptr", "b_offsets_ptr", "ranks_ptr",
                                             "modules_ptr", "token_indices_ptr", "segment_starts_ptr",
                                             "token_adapters_ptr", "tile_starts_ptr", "columns_ptr", "widths_ptr",
@@ -67,7 +67,6 @@ def cases() -> list[tuple[object, dict[str, str], dict]]:
         for c in _grid(HAS_RESIDUAL=(False, True), BLOCK=(4096,)):
             out.append((triton_fused._add_rms_norm, fused, c))
         out.append((triton_fused._rotate_and_write_kv, fused, {"BLOCK_H": 32, "BLOCK_KVH": 8, "BLOCK_D": 64}))
-        out.append((triton_fused._silu_and_mul, fused, {"BLOCK": 1024}))
         attention = _pointers(data)
         for c in _grid(GROUP=(1, 8), NUM_SPLITS=(1, 4)):
             out.append((triton_attention._decode, attention,

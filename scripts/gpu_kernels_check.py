@@ -115,13 +115,13 @@ def attention_check(name: str, shape: tuple[int, int, int], query_lens: list[int
 
 
 def fused_ops_check(shape: str, tokens: int, dtype: torch.dtype, seed: int = 0) -> None:
-    """RMSNorm with residual, rotary + K/V write, SiLU-and-mul at a model's shapes, against the torch model's ops."""
+    """RMSNorm with residual, rotary + K/V write at a model's shapes, against the torch model's ops."""
     start = time.time()
     results = bench.fused_ops_cases(tokens, bench.model_shape(shape), dtype, DEVICE, lambda fn: 0.0,
                                     torch.Generator().manual_seed(seed))
     torch.cuda.synchronize()
     error = max(r.max_error for r in results if r.max_error is not None)
-    record(f"fused ops {shape}: norm+residual, rotary+kv write, silu*up ({tokens} tokens)", dtype, error,
+    record(f"fused ops {shape}: norm+residual, rotary+kv write ({tokens} tokens)", dtype, error,
            ATTENTION_TOLERANCE[dtype], time.time() - start)
 
 

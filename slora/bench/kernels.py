@@ -11,8 +11,8 @@ For one model shape (Llama-2-7B by default) and dtype, on synthetic weights in s
   padded to the largest rank, then every token `torch.bmm`s with its adapter's) and `triton_padded`
   (the segment kernel over copies of the adapters padded to the largest rank);
 - paged attention: decode at 1k and 4k contexts, and a prefill;
-- the fused small ops (residual + RMSNorm, rotary + K/V write, SiLU-and-mul) against the torch ops
-  the reference model runs, at the decode batch's token count.
+- the fused small ops (residual + RMSNorm, rotary + K/V write) against the torch ops the reference
+  model runs, at the decode batch's token count.
 
 Each kernel's time is reported with the bandwidth it achieves over the bytes it must read and write
 (the batch's distinct adapters' A and B once, x, y read and written; K/V of every context once),
@@ -441,15 +441,13 @@ def attention_case(case: str, query_lens: list[int], context_lens: list[int], co
 def fused_ops_cases(tokens: int, config: ModelConfig, dtype: torch.dtype, device: torch.device, measure,
                     generator: torch.Generator) -> list[Result]:
     """The fused small ops (`kernels/triton_fused.py`) against the torch ops the reference model runs:
-    residual add + RMSNorm, rotary of q/k + K/V write into the pool, SiLU-and-mul; `tokens` rows each."""
-    import torch.nn.functional as F
-
+    residual add + RMSNorm, rotary of q/k + K/V write into the pool; `tokens` rows each."""
     from slora.kernels import triton_fused
     from slora.kernels.attention import write_kv
     from slora.models.llama import RMSNorm, RotaryEmbedding
 
     randn = lambda *size: torch.randn(*size, generator=generator).to(device, dtype)  # noqa: E731
-    hidden, inter = config.hidden_size, config.intermediate_size
+    hidden = config.hidden_size
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
     element = torch.empty((), dtype=dtype).element_size()
     norm = RMSNorm(hidden, 1e-5).to(device, dtype)
@@ -460,7 +458,6 @@ def fused_ops_cases(tokens: int, config: ModelConfig, dtype: torch.dtype, device
     positions = torch.randint(0, 8192, (tokens,), generator=generator).to(device)
     slots = torch.randperm(2 * tokens, generator=generator)[:tokens].to(device)
     pool = randn(2 * tokens, 2, kv_heads, head_dim)
-    gate_up = 4 * randn(tokens, 2 * inter)
 
     def torch_rotary(out_pool: torch.Tensor = pool):
         rotated_q, rotated_k = rotary(positions, q, k)
@@ -483,10 +480,6 @@ def fused_ops_cases(tokens: int, config: ModelConfig, dtype: torch.dtype, device
         f"rotary_kv_write[{tokens} tokens]": (
             torch_rotary, triton_rotary, (2 * q_bytes + 4 * kv_bytes) * element + tokens * head_dim * 4,
             lambda: torch_rotary(pool.clone()), lambda: triton_rotary(q.clone(), k.clone(), pool.clone())),
-        f"silu_mul[{tokens} tokens]": (
-            lambda: F.silu(gate_up[:, :inter]) * gate_up[:, inter:], lambda: triton_fused.silu_and_mul(gate_up),
-            3 * tokens * inter * element,
-            lambda: F.silu(gate_up[:, :inter]) * gate_up[:, inter:], lambda: triton_fused.silu_and_mul(gate_up)),
     }
     results = []
     for case, (reference, fused, num_bytes, reference_on_copies, fused_on_copies) in ops.items():

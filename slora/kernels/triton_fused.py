@@ -7,8 +7,10 @@ dtype), one launch each:
 
 - `add_rms_norm`: the residual add and RMSNorm (2 launches per layer instead of ~18);
 - `rotate_and_write_kv`: rotary embedding of q and k, and k/v written into their pool slots
-  (1 launch instead of ~24);
-- `silu_and_mul`: SiLU(gate) * up from the fused gate/up projection (1 launch instead of 2).
+  (1 launch instead of ~24).
+
+A fused SiLU-and-mul was measured on an H100 at 0.54x torch's two ops (45 vs 25 us for 256 tokens of
+Llama-2-7B) and removed: the model keeps torch's `F.silu(gate) * up` on both backends.
 """
 
 from __future__ import annotations
@@ -115,32 +117,8 @@ def rotate_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
         BLOCK_KVH=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(half), num_warps=4)
 
 
-@triton.jit
-def _silu_and_mul(gate_up_ptr, out_ptr, stride_in, stride_out, width, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < width
-    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0)
-    up = tl.load(gate_up_ptr + row * stride_in + width + offs, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    activated = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # F.silu, rounded to the dtype before the product
-    tl.store(out_ptr + row * stride_out + offs, (activated.to(tl.float32) * up.to(tl.float32)).to(gate.dtype),
-             mask=mask)
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """`silu(gate) * up` of a `[T, 2 * I]` tensor holding gate in its first half and up in its second."""
-    tokens, width = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty(tokens, width, dtype=gate_up.dtype, device=gate_up.device)
-    if tokens:
-        block = min(1024, triton.next_power_of_2(width))
-        _silu_and_mul[(tokens, triton.cdiv(width, block))](gate_up, out, gate_up.stride(0), out.stride(0), width,
-                                                           BLOCK=block, num_warps=4)
-    return out
-
-
 def _warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
-__all__ = ["add_rms_norm", "rotate_and_write_kv", "silu_and_mul"]
+__all__ = ["add_rms_norm", "rotate_and_write_kv"]

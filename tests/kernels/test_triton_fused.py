@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from slora.config import ModelConfig
 from slora.kernels.attention import write_kv
-from slora.kernels.triton_fused import add_rms_norm, rotate_and_write_kv, silu_and_mul
+from slora.kernels.triton_fused import add_rms_norm, rotate_and_write_kv
 from slora.models.llama import RMSNorm, RotaryEmbedding
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -60,12 +59,3 @@ def test_rotate_and_write_kv(dtype, num_heads, kv_heads, device):
     _close(q, expected_q, dtype)
     _close(k, expected_k, dtype)
     _close(pool, expected_pool, dtype)  # the other slots are untouched
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("width", [40, 1536])  # one partial block; two blocks
-def test_silu_and_mul(dtype, width, device):
-    generator = torch.Generator().manual_seed(width)
-    gate_up = (4 * torch.randn(5, 2 * width, generator=generator)).to(device, dtype)
-    gate, up = gate_up.chunk(2, dim=-1)
-    _close(silu_and_mul(gate_up), F.silu(gate) * up, dtype)
