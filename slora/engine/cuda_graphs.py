@@ -84,11 +84,9 @@ class DecodeGraphs:
         if not self.enabled or table is None or table.max_query_len != 1:
             return None
         num_seqs = table.slots.shape[0]
+        # Ranks need no check (the registry refuses ranks above max_lora_rank) nor row tables (at most
+        # every pool row, the capacity).
         if num_seqs != batch.input_ids.numel() or table.max_context_len > self.limits.max_context:
-            return None
-        lora = batch.lora
-        if lora is not None and (lora.batch.row_table.numel() > self.limits.row_capacity
-                                 or max(map(max, lora.batch.max_ranks)) > self.limits.max_lora_rank):
             return None
         return next((b for b in self.buckets if b >= num_seqs), None)
 
