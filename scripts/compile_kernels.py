@@ -35,7 +35,7 @@ def _pointers(data: str, **extra: str) -> dict[str, str]:
                                      "out_ptr", "weight_ptr", "residual_ptr")}
     types.update({name: "*i32" for name in ("row_table_ptr", "a_offsets_ptr", "b_offsets_ptr", "ranks_ptr",
                                             "modules_ptr", "token_indices_ptr", "segment_starts_ptr",
-                                            "token_adapters_ptr", "tile_starts_ptr", "columns_ptr", "widths_ptr",
+                                            "token_adapters_ptr", "columns_ptr", "widths_ptr",
                                             "b_chunks_ptr", "slots_ptr", "context_lens_ptr", "query_starts_ptr",
                                             "query_lens_ptr")})
     types.update({name: "*fp32" for name in ("scalings_ptr", "partial_o_ptr", "partial_lse_ptr", "cos_ptr",
@@ -48,36 +48,48 @@ def _grid(**options: tuple) -> list[dict]:
     return [dict(zip(options, values)) for values in itertools.product(*options.values())]
 
 
-def cases() -> list[tuple[object, dict[str, str], dict]]:
-    """(kernel, pointer types, constexprs): every constexpr branch the launchers can take (module counts,
-    splits, GQA, residual or not), in fp16 and bf16, at the block sizes they use on a GPU."""
-    out = []
-    for data in ("*fp16", "*bf16"):
-        lora = _pointers(data, v_ptr="*fp32")  # LoRA's v is the float32 shrink result
-        for c in ({"BLOCK_M": 16, "BLOCK_R": 64, "SPLIT_K": 1}, {"BLOCK_M": 64, "BLOCK_R": 16, "SPLIT_K": 4}):
-            out.append((triton_lora._shrink_segments, lora, c | {"BLOCK_K": 128, "DOT_MODE": "native"}))
-        for c in _grid(P=(1, 3), SPLIT_K=(1, 4)):
-            out.append((triton_lora._expand_segments, lora,
-                        c | {"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_N": 128, "DOT_MODE": "native"}))
-        for c in ({"BLOCK_R": 64, "SPLIT_K": 1}, {"BLOCK_R": 16, "SPLIT_K": 4}):
-            out.append((triton_lora._shrink_tokens, lora, c | {"BLOCK_K": 256}))
-        for c in _grid(P=(1, 3), SPLIT_K=(1, 4)):
-            out.append((triton_lora._expand_tokens, lora, c | {"BLOCK_R": 16, "BLOCK_N": 128}))
-        fused = _pointers(data, positions_ptr="*i64", slots_ptr="*i64")
-        for c in _grid(HAS_RESIDUAL=(False, True), BLOCK=(4096,)):
-            out.append((triton_fused._add_rms_norm, fused, c))
-        out.append((triton_fused._rotate_and_write_kv, fused, {"BLOCK_H": 32, "BLOCK_KVH": 8, "BLOCK_D": 64}))
-        attention = _pointers(data)
-        for c in _grid(GROUP=(1, 8), NUM_SPLITS=(1, 4)):
-            out.append((triton_attention._decode, attention,
-                        c | {"BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "DOT_MODE": "native"}))
-        out.append((triton_attention._prefill, attention,
-                    {"GROUP": 4, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "DOT_MODE": "native"}))
-    out.append((triton_attention._merge_splits, _pointers("*fp16"), {"NUM_SPLITS": 4, "BLOCK_S": 4, "BLOCK_D": 128}))
+LORA_KERNELS = {("shrink", "segment"): triton_lora._shrink_segments,
+                ("expand", "segment"): triton_lora._expand_segments,
+                ("shrink", "token"): triton_lora._shrink_tokens, ("expand", "token"): triton_lora._expand_tokens}
+
+
+def _lora_constexprs(op: str, form: str, config: triton_lora.LoRAKernelConfig) -> dict:
+    out = {"BLOCK_R": config.block_r}
+    out.update({"BLOCK_K": config.block_k} if op == "shrink" else {"BLOCK_N": config.block_n, "WIDTH_UNIT": 16})
+    if form == "segment":
+        out.update({"BLOCK_M": config.block_m, "DOT_MODE": "native"})
     return out
 
 
-def compile_case(kernel, pointers: dict[str, str], constexprs: dict, arch: int) -> str | None:
+def _options(config: triton_lora.LoRAKernelConfig) -> dict:
+    return {"num_warps": config.num_warps, **({"num_stages": config.num_stages} if config.num_stages else {})}
+
+
+def cases() -> list[tuple[object, dict[str, str], dict, dict]]:
+    """(kernel, pointer types, constexprs, options): every constexpr branch the launchers can take (LoRA
+    variants, GQA, residual or not), in fp16 and bf16, at the block sizes they use on a GPU."""
+    out = []
+    for data in ("*fp16", "*bf16"):
+        lora = _pointers(data, v_ptr="*fp32")  # LoRA's v is the float32 shrink result
+        for form in triton_lora.FORMS:  # exactly the variants a GPU launches (and compiles at start-up)
+            for op, config in triton_lora.compile_variants(form):
+                out.append((LORA_KERNELS[(op, form)], lora, _lora_constexprs(op, form, config), _options(config)))
+        fused = _pointers(data, positions_ptr="*i64", slots_ptr="*i64")
+        for c in _grid(HAS_RESIDUAL=(False, True), BLOCK=(4096,)):
+            out.append((triton_fused._add_rms_norm, fused, c, {}))
+        out.append((triton_fused._rotate_and_write_kv, fused, {"BLOCK_H": 32, "BLOCK_KVH": 8, "BLOCK_D": 64}, {}))
+        attention = _pointers(data)
+        for c in _grid(GROUP=(1, 8)):
+            out.append((triton_attention._decode, attention,
+                        c | {"BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "DOT_MODE": "native"}, {}))
+        out.append((triton_attention._prefill, attention,
+                    {"GROUP": 4, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "DOT_MODE": "native"}, {}))
+    out.append((triton_attention._merge_splits, _pointers("*fp16"),
+                {"BLOCK_S": triton_attention.MAX_DECODE_SPLITS, "BLOCK_D": 128}, {}))
+    return out
+
+
+def compile_case(kernel, pointers: dict[str, str], constexprs: dict, options: dict, arch: int) -> str | None:
     """None if the kernel compiles to a cubin, else the error."""
     signature = {}
     for name in kernel.arg_names:
@@ -88,7 +100,7 @@ def compile_case(kernel, pointers: dict[str, str], constexprs: dict, arch: int) 
     fixed = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=fixed),
-                                  target=GPUTarget("cuda", arch, 32))
+                                  target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as error:  # noqa: BLE001 - reported, with the configuration
         return f"{type(error).__name__}: {error}"
     return None if compiled.asm.get("cubin") else "no cubin produced"
@@ -100,8 +112,8 @@ def main() -> int:
     args = parser.parse_args()
     failures = 0
     for arch in args.arch or [90]:
-        for kernel, pointers, constexprs in cases():
-            error = compile_case(kernel, pointers, constexprs, arch)
+        for kernel, pointers, constexprs, options in cases():
+            error = compile_case(kernel, pointers, constexprs, options, arch)
             data = pointers["q_ptr"].removeprefix("*")
             print(f"{'FAIL' if error else 'ok  '} sm_{arch} {kernel.__name__:<22} {data:<5} {constexprs}"
                   + (f"\n     {error[:2000]}" if error else ""), flush=True)

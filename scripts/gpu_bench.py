@@ -161,6 +161,11 @@ def _show(record: dict) -> None:
         parts.append(f"decode at batch {roof['largest_batch']}: {roof['step_ms_at_largest_batch']:.1f} ms "
                      f"(floor {roof['floor_ms_at_largest_batch']:.1f} ms, fraction "
                      f"{roof['bandwidth_fraction_at_largest_batch']:.2f})")
+    steps = record.get("steps", {})
+    if steps.get("step_time_share_decode") is not None:
+        parts.append(f"decode steps {steps['step_time_share_decode']:.0%} of step time")
+    if record.get("kernel_compiles"):
+        parts.append(f"{record['kernel_compiles']} kernel compiles during the run")
     if m.get("truncated"):
         parts.append("time-capped")
     say(f"{what}: {', '.join(parts)} [{record.get('wall_s', 0):.0f} s]")

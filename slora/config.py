@@ -18,6 +18,11 @@ LORA_KERNELS = ("auto", "segment", "token", "bmm", "padded")
 ABLATION_KERNELS = ("bmm", "padded")  # on either backend
 
 
+def triton_lora_form(lora_kernel: str) -> str:
+    """The Triton kernels' form that a non-ablation `lora_kernel` runs ("auto" is the segment form)."""
+    return "segment" if lora_kernel == "auto" else lora_kernel
+
+
 @dataclass
 class ModelConfig:
     """Shape and numerics of a Llama-family model (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
@@ -157,6 +162,9 @@ class EngineConfig:
     # Decode steps as CUDA graphs (Triton backend). None = on CUDA; True on the CPU runs the graphs'
     # static buffers eagerly (how tests check them); False = never.
     cuda_graphs: bool | None = None
+    # Where decode steps are captured as CUDA graphs: record every bucket's graph (with and without LoRA)
+    # while the engine starts, so that no serving step pays for a capture; False = each on its first step.
+    capture_graphs_at_start: bool = True
     lora_kernel: str = "auto"  # see LORA_KERNELS; the ablations run without CUDA graphs
 
     def __post_init__(self) -> None:

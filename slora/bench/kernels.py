@@ -78,7 +78,7 @@ class Settings:
     prefill_seqs: tuple[int, ...] = (1024, 1024, 512, 512)  # attention prefill query lengths
     copy_bytes: int = 2**31
     matmul_size: int = 8192
-    sweep: bool = False  # also time a grid of LoRA block sizes and splits (decode case) and report the best
+    sweep: bool = False  # also time a grid of LoRA block sizes and splits (segment form) and report the best
 
     @classmethod
     def tiny(cls) -> "Settings":
@@ -101,6 +101,7 @@ class Result:
     speedup_vs_reference: float | None = None
     max_error: float | None = None  # vs the reference's output, relative to the delta's magnitude
     config: str | None = None  # the Triton launch configuration, where one was chosen or swept
+    sweep: list[tuple[str, float]] | None = None  # a tuned row: every configuration swept, with its time in us
 
 
 @dataclass
@@ -325,16 +326,16 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
     return results
 
 
-def _sweep_configs(op: str, form: str) -> list:
-    """About 60 launches in all: each new block size compiles a kernel (a second or two)."""
+def _sweep_configs(op: str) -> list:
+    """The segment form's grid (the form the engine runs): 27 shrink and 54 expand launches, of 9 and
+    18 compiled variants (each compile takes a second or two; splits are arguments)."""
     from slora.kernels.triton_lora import LoRAKernelConfig
 
     if op == "shrink":
-        blocks_k = (256, 512) if form == "token" else (128, 256)
-        return [LoRAKernelConfig(block_r=r, block_k=k, split_k=s) for r in (16, 32, 64) for k in blocks_k
-                for s in (1, 4, 8)]
-    return [LoRAKernelConfig(block_r=r, block_n=n, num_warps=w) for r in (16, 32) for n in (64, 128, 256)
-            for w in (4, 8)]
+        return [LoRAKernelConfig(block_r=r, block_k=k, split_k=s) for r in (16, 32, 64) for k in (64, 128, 256)
+                for s in (None, 2, 8)]
+    return [LoRAKernelConfig(block_r=r, block_n=n, n_splits=s, num_warps=w) for r in (16, 32, 64)
+            for n in (64, 128, 256) for s in (None, 1, 8) for w in (4, 8)]
 
 
 def _config_text(config) -> str:
@@ -376,13 +377,14 @@ def _lora_single_ops(case, methods, xs, y0, projection: Projection, ranks, disti
             method = f"triton_{form}_{op_name}[{name}]"
             results.append(Result(case, method, measure(lambda: launch(None)), num_bytes, flops,
                                   config=_config_text(chosen)))
-            if sweep:
-                timed = [(measure(lambda c=c: launch(c)), c) for c in _sweep_configs(op_name, form)]
+            if sweep and form == "segment":
+                fill = lambda c: choose_config(op_name, form, batch, features, max_rank,  # noqa: E731
+                                               rows.shape[1], rows.device, c, modules)
+                timed = [(measure(lambda c=c: launch(c)), fill(c)) for c in _sweep_configs(op_name)]
                 best_time, best = min(timed, key=lambda pair: pair[0])
-                filled = choose_config(op_name, form, batch, features, max_rank, rows.shape[1], rows.device, best,
-                                       modules)
                 results.append(Result(case, f"{method} tuned ({len(timed)} configs)", best_time, num_bytes, flops,
-                                      config=_config_text(filled)))
+                                      config=_config_text(best),
+                                      sweep=[(_config_text(c), round(t, 2)) for t, c in timed]))
     return results
 
 
@@ -540,7 +542,7 @@ def run(settings: Settings, device: torch.device, log=print) -> Report:
                           f"{len(settings.prefill_segments)} adapters]",
                           [j for j, n in enumerate(settings.prefill_segments) for _ in range(n)],
                           [settings.ranks[j % len(settings.ranks)] for j in range(len(settings.prefill_segments))],
-                          config, dtype, device, measure, generator),
+                          config, dtype, device, measure, generator, settings.sweep),
     ]
     for context in settings.contexts:
         cases.append(lambda context=context: attention_case(
@@ -602,7 +604,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", default=None, help="comma-separated adapter ranks, cycled (default: 8,16,32,64)")
     parser.add_argument("--contexts", default=None, help="decode attention contexts (default: 1024,4096)")
     parser.add_argument("--decode-seqs", type=int, default=None)
-    parser.add_argument("--sweep", action="store_true", help="also sweep the LoRA kernels' block sizes (decode)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep the LoRA kernels' block sizes and splits (segment form)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: runs on the CPU under the interpreter")
 
 

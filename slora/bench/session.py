@@ -159,7 +159,9 @@ class BenchSession:
             driver = EngineDriver(engine, self.options.seed, self.options.progress,
                                   desc=f"{system} {mode} n={record['num_adapters']}"
                                        + (f" R={record['request_rate']}" if mode == "online" else ""))
+            compiled = compiled_kernels()
             outcome = driver.run(requests, mode == "online", time_limit, drain_timeout, gate)
+            record["kernel_compiles"] = compiled_kernels() - compiled if compiled is not None else None
         finally:
             if gate is not None:
                 gate.restore()
@@ -245,6 +247,20 @@ class BenchSession:
         return {"options": o, "load_s": self.load_s, "copy_bandwidth_bytes_s": self.copy_bandwidth,
                 "roofline": self.roofline.describe(), "adapter_root": str(self.adapter_root),
                 "model_parameters": self.config.num_parameters()}
+
+
+def compiled_kernels() -> int | None:
+    """Variants of slora's Triton kernels compiled so far in this process (None without CUDA): its
+    change over a run says whether a step waited for a compile (a second or more each)."""
+    if not torch.cuda.is_available():
+        return None
+    from triton.runtime.jit import JITFunction
+
+    from slora.kernels import triton_attention, triton_fused, triton_lora
+
+    return sum(len(caches[0]) for module in (triton_attention, triton_fused, triton_lora)
+               for value in vars(module).values() if isinstance(value, JITFunction)
+               for caches in value.device_caches.values())
 
 
 def largest_batch(engine: LLMEngine, names: list[str], prompt_len: int, decode_steps: int) -> int:

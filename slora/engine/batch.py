@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from slora.config import ABLATION_KERNELS, BACKENDS
+from slora.config import ABLATION_KERNELS, BACKENDS, triton_lora_form
 from slora.engine.scheduler import ScheduledBatch
 from slora.kernels.lora import AdapterTokens, LoRABatch, TorchLoRA
 from slora.kernels.lora_ablations import PaddedBmmLoRA
@@ -101,7 +101,7 @@ def _lora_op(adapter_tokens: dict[str, list[int]], kv_cache: list[torch.Tensor],
         from slora.kernels.triton_lora import TritonLoRA  # Triton only where it is asked for
 
         lora_batch = LoRABatch.from_lists(adapters, list(adapter_tokens.values()), len(kv_cache), device)
-        return TritonLoRA(kv_cache, lora_batch, form=lora_kernel)
+        return TritonLoRA(kv_cache, lora_batch, form=triton_lora_form(lora_kernel))
     groups = [AdapterTokens(adapter, torch.tensor(tokens, dtype=torch.int64, device=device))
               for adapter, tokens in zip(adapters, adapter_tokens.values())]
     return TorchLoRA(kv_cache, groups)

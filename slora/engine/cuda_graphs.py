@@ -5,13 +5,18 @@ GPU takes to run them at the batch sizes that matter. A captured graph issues th
 What a graph reads must be at the same addresses, with the same launch grids, at every replay, so:
 
 - every step's tensors (tokens, positions, slots, the slot table, the LoRA tables of
-  `kernels/lora.py::LoRABatch`) are copied into buffers made once, sized for the largest bucket;
+  `kernels/lora.py::LoRABatch`) are copied into buffers made once, sized for the largest bucket (the
+  LoRA tables are one buffer, filled on the host from the step's numpy tables and copied in one go);
 - a batch of B sequences runs the graph of the smallest bucket >= B; rows past B are padding (token
   0 at position 0, attending to one scratch slot of the pool that no request owns);
 - launch sizes come from limits, never from the batch: the longest context (`max_context`), the
   largest LoRA rank (`max_lora_rank`), one segment and one LoRA token per row (segments past the
   batch's adapters are empty, and token-form programs past its LoRA tokens read an adapter column
   of rank 0: both exit at once). Graphs are kept per bucket and LoRA form (or none).
+
+Graphs are recorded on a bucket's first step, or all at start-up (`record_all`, which the engine
+calls unless `EngineConfig.capture_graphs_at_start` is off) so that no measured step pays for a
+capture; the static tables then hold no adapter (every rank 0), which the kernels skip.
 
 `capture=False` (the CPU, in tests) runs the same static batch eagerly: what a graph would record,
 so that a CPU test proves the buffers are filled right and the launches never depend on the batch.
@@ -21,16 +26,18 @@ A failed capture turns graphs off with a warning: steps then run eagerly, as bef
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from slora.kernels.lora import MODULES, LoRABatch
+from slora.kernels.lora import MODULES, LoRABatch, LoRATables
 from slora.kernels.metadata import AttentionMetadata, ForwardBatch, SlotTable
 
 logger = logging.getLogger("slora.engine")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+Recorded = tuple[torch.cuda.CUDAGraph | None, ForwardBatch, torch.Tensor | None]  # graph, static batch, logits
 
 
 @dataclass
@@ -66,15 +73,15 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=int32, device=device)
         self.query_starts = torch.arange(n, dtype=int32, device=device)
         self.query_lens = torch.ones(n, dtype=int32, device=device)
-        modules, layers = len(MODULES), limits.num_layers
-        self.lora = LoRABatch(
-            adapters=[], row_table=zeros(limits.row_capacity), a_offsets=zeros(modules, n),
-            b_offsets=zeros(modules, n), ranks=zeros(layers, modules, n),
-            scalings=zeros(layers, modules, n, dtype=torch.float32), token_indices=zeros(n), token_adapters=zeros(n),
-            segment_starts=zeros(n + 1), max_ranks=[[limits.max_lora_rank] * modules for _ in range(layers)],
-            max_segment_len=1)
-        self._graphs: dict[tuple[int, str | None], tuple[torch.cuda.CUDAGraph | None, ForwardBatch,
-                                                         torch.Tensor | None]] = {}
+        modules, layers, on_cuda = len(MODULES), limits.num_layers, device.type == "cuda"
+        # The LoRA tables: filled on the host (pinned) and copied into one device buffer per step.
+        host = LoRATables(limits.row_capacity, layers, n, n, pin_memory=on_cuda)
+        self._lora_buffer = zeros(host.buffer.numel())
+        self.lora = LoRABatch(adapters=[], **host.views(self._lora_buffer),
+                              max_ranks=[[limits.max_lora_rank] * modules for _ in range(layers)], max_segment_len=1,
+                              host=host)
+        self._lora_copied = torch.cuda.Event() if on_cuda else None  # the last copy out of the pinned tables
+        self._graphs: dict[tuple[int, str | None], Recorded] = {}  # by (bucket, LoRA form or None)
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
 
     # --- which steps ------------------------------------------------------------------------------
@@ -95,10 +102,7 @@ class DecodeGraphs:
         """Logits of `batch.logits_indices`, computed by the bucket's graph over the static buffers."""
         lora_form = batch.lora.form if batch.lora is not None else None  # the Triton LoRA form, or none
         self._fill(batch, bucket)
-        key = (bucket, lora_form)
-        if key not in self._graphs:
-            self._graphs[key] = self._record(bucket, lora_form)
-        graph, static_batch, logits = self._graphs[key]
+        graph, static_batch, logits = self._graph(bucket, lora_form)
         self.replays += 1
         if graph is None:
             logits = self.model(static_batch)
@@ -124,26 +128,49 @@ class DecodeGraphs:
             self._fill_lora(batch.lora.batch, bucket)
 
     def _fill_lora(self, lora: LoRABatch, bucket: int) -> None:
-        static, segments, tokens = self.lora, lora.num_segments, lora.num_tokens
-        static.row_table[: lora.row_table.numel()].copy_(lora.row_table)
-        static.a_offsets[:, :segments].copy_(lora.a_offsets)
-        static.b_offsets[:, :segments].copy_(lora.b_offsets)
-        static.ranks[:, :, :segments].copy_(lora.ranks)
-        static.scalings[:, :, :segments].copy_(lora.scalings)
-        static.token_indices[:tokens].copy_(lora.token_indices)
-        static.token_adapters[:tokens].copy_(lora.token_adapters)
-        static.segment_starts[: segments + 1].copy_(lora.segment_starts)
-        static.segment_starts[segments + 1 : bucket + 1] = tokens  # the rest of the bucket's segments: empty
+        """The step's host tables into the static ones, on the host, then one copy to the device."""
+        if self._lora_copied is not None:
+            self._lora_copied.synchronize()  # the last step's copy has read the pinned buffer
+        host = self.lora.host
+        static, step = host.arrays, lora.host.arrays
+        segments, tokens, rows = lora.num_segments, lora.num_tokens, step["row_table"].size
+        static["row_table"][:rows] = step["row_table"]
+        for name in ("a_offsets", "b_offsets", "ranks", "scalings"):
+            static[name][..., :segments] = step[name]
+        static["token_indices"][:tokens] = step["token_indices"]
+        static["token_adapters"][:tokens] = step["token_adapters"]
+        static["segment_starts"][: segments + 1] = step["segment_starts"]
+        static["segment_starts"][segments + 1 : bucket + 1] = tokens  # the rest of the bucket's segments: empty
         if tokens < bucket:  # the token form's programs past the LoRA tokens: an adapter column of rank 0
-            static.token_adapters[tokens:bucket] = segments
-            static.ranks[:, :, segments] = 0
+            static["token_adapters"][tokens:bucket] = segments
+            static["ranks"][:, :, segments] = 0
+        end = host.end(rows)
+        self._lora_buffer[:end].copy_(host.buffer[:end], non_blocking=True)
+        if self._lora_copied is not None:
+            self._lora_copied.record()
 
     @property
     def captured(self) -> int:
-        """Graphs recorded so far (one per bucket and LoRA or not, on first use)."""
+        """Graphs recorded so far (one per bucket and LoRA form or none: at start-up or on first use)."""
         return sum(graph is not None for graph, _, _ in self._graphs.values())
 
     # --- capture ----------------------------------------------------------------------------------
+    def record_all(self, lora_forms: Iterable[str]) -> None:
+        """Record every bucket's graph now, without LoRA and with each Triton LoRA form in `lora_forms`
+        ("segment", "token"), so that no step pays for a capture. Stops at a failed capture (graphs off)."""
+        for bucket in self.buckets:
+            for lora_form in (None, *lora_forms):
+                if not self.enabled:
+                    return
+                self._graph(bucket, lora_form)
+
+    def _graph(self, bucket: int, lora_form: str | None) -> Recorded:
+        """(graph, static batch, its logits) of a bucket and LoRA form, recorded on first use."""
+        key = (bucket, lora_form)
+        if key not in self._graphs:
+            self._graphs[key] = self._record(bucket, lora_form)
+        return self._graphs[key]
+
     def _static_batch(self, bucket: int, lora_form: str | None) -> ForwardBatch:
         from slora.kernels.triton_lora import TritonLoRA
 
@@ -160,7 +187,7 @@ class DecodeGraphs:
         return ForwardBatch(self.input_ids[:bucket], self.positions[:bucket], self.logits_indices[:bucket], attention,
                             self.kv_cache, lora, backend="triton")
 
-    def _record(self, bucket: int, lora_form: str | None):
+    def _record(self, bucket: int, lora_form: str | None) -> Recorded:
         static_batch = self._static_batch(bucket, lora_form)
         if not self.capture:
             return None, static_batch, None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slora.config import ABLATION_KERNELS, EngineConfig
+from slora.config import ABLATION_KERNELS, EngineConfig, triton_lora_form
 from slora.engine.batch import build_forward_batch, resolve_backend
 from slora.engine.cuda_graphs import DecodeGraphs, GraphLimits
 from slora.engine.detokenizer import IncrementalDetokenizer
@@ -79,8 +79,21 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
         self.num_steps = 0  # steps that ran a forward pass
+        self._precompile_lora_kernels()
         self.graphs = self._decode_graphs()
         torch.manual_seed(config.seed)
+
+    def _precompile_lora_kernels(self) -> None:
+        """On a GPU, compile every LoRA kernel variant that steps can launch, before serving: a compile
+        inside a step stalls every request of the batch for a second or more (`triton_lora.precompile`)."""
+        if self.device.type != "cuda" or resolve_backend(self.config.backend, self.device) != "triton" \
+                or self.config.lora_kernel in ABLATION_KERNELS:
+            return
+        from slora.kernels import triton_lora
+        from slora.models.llama import projection_inputs
+
+        triton_lora.precompile(self.pool.layers[0], projection_inputs(self.model_config),
+                               triton_lora_form(self.config.lora_kernel))
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs for decode steps, when the config and the device call for them (see EngineConfig)."""
@@ -92,8 +105,11 @@ class LLMEngine:
                              max_lora_rank=self.config.lora.max_lora_rank,
                              row_capacity=self.pool.rows(0).shape[0], num_layers=self.model_config.num_layers,
                              scale=self.model_config.head_dim**-0.5)
-        return DecodeGraphs(self.model, self.pool.layers, limits, self.pool.scratch_slot,
-                            capture=self.device.type == "cuda")
+        graphs = DecodeGraphs(self.model, self.pool.layers, limits, self.pool.scratch_slot,
+                              capture=self.device.type == "cuda")
+        if graphs.capture and self.config.capture_graphs_at_start:  # with LoRA too: adapters may come at run time
+            graphs.record_all([triton_lora_form(self.config.lora_kernel)])
+        return graphs
 
     # --- requests --------------------------------------------------------------------------------
     def add_request(

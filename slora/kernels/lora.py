@@ -7,18 +7,23 @@ adapters of different ranks share one batch and tokens without an adapter cost n
 
 `LoRABatch` is the same step as flat tensors, built once per step for the Triton kernels
 (`triton_lora.py`): one segment per adapter, the adapters' row tables concatenated, and per
-(layer, module) every adapter's rank and scaling.
+(layer, module) every adapter's rank and scaling. It is assembled on the host with numpy from each
+adapter's cached column (`ResidentAdapter.tables`), in one buffer (`LoRATables`) that reaches the
+device in one copy.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from slora.kernels.metadata import Projection
-from slora.lora.residency import ResidentAdapter
+# MODULE_INDEX: re-exported, the kernels' module axis.
+from slora.lora.residency import MODULE_INDEX, MODULES, AdapterTables, ResidentAdapter  # noqa: F401
 
 
 def read_rows(rows: torch.Tensor, row_ids: torch.Tensor, rank: int, chunks: int, width: int) -> torch.Tensor:
@@ -45,9 +50,48 @@ class AdapterTokens:
     token_indices: torch.Tensor  # positions in the flat batch of the tokens that use it
 
 
-# Every LoRA-targetable linear of a decoder layer, in the order of the module axis of `LoRABatch`.
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODULE_INDEX = {name: m for m, name in enumerate(MODULES)}
+# Elements: every table of a `LoRATables` buffer starts 64-byte aligned, as a tensor of its own would (Triton
+# compiles a kernel apart for pointers that are not 16-byte aligned).
+_ALIGN = 16
+
+
+class LoRATables:
+    """A step's LoRA tables (`LoRABatch`'s) on the host, as numpy views (`arrays`) of one int32 buffer;
+    the float32 scalings are a view of its bytes. One copy of the buffer moves every table, and the
+    same views of the copy are the device tables (`views`).
+
+    The row table comes last, so that a copy of the buffer's first `end(num_rows)` elements moves
+    every table and the used part of a row table sized for the whole pool (the CUDA graphs' static
+    tables, `engine/cuda_graphs.py`, whose host side is one of these, pinned).
+    """
+
+    def __init__(self, num_rows: int, num_layers: int, width: int, num_tokens: int, pin_memory: bool = False):
+        modules = len(MODULES)
+        shapes = {"segment_starts": (width + 1,), "token_indices": (num_tokens,), "token_adapters": (num_tokens,),
+                  "a_offsets": (modules, width), "b_offsets": (modules, width), "ranks": (num_layers, modules, width),
+                  "scalings": (num_layers, modules, width), "row_table": (num_rows,)}
+        self.layout: dict[str, tuple[int, tuple[int, ...]]] = {}  # table -> (first element in the buffer, shape)
+        size = 0
+        for name, shape in shapes.items():
+            self.layout[name] = (size, shape)
+            size += -(-math.prod(shape) // _ALIGN) * _ALIGN
+        self.buffer = torch.empty(size, dtype=torch.int32, pin_memory=pin_memory)
+        host = self.buffer.numpy()
+        host.fill(0)  # numpy's fill: torch.zeros' threaded one took ~8 ms on a busy 2-core host
+        self.arrays: dict[str, np.ndarray] = self.views(host)
+
+    def views(self, buffer: np.ndarray | torch.Tensor) -> dict[str, np.ndarray | torch.Tensor]:
+        """The tables as views of `buffer`: this buffer as numpy, or a torch copy of it on any device."""
+        float32 = np.float32 if isinstance(buffer, np.ndarray) else torch.float32
+        views = {}
+        for name, (start, shape) in self.layout.items():
+            view = buffer[start : start + math.prod(shape)].reshape(shape)
+            views[name] = view.view(float32) if name == "scalings" else view
+        return views
+
+    def end(self, num_rows: int) -> int:
+        """Elements of the buffer up to the first `num_rows` entries of the row table."""
+        return self.layout["row_table"][0] + num_rows
 
 
 @dataclass
@@ -71,6 +115,7 @@ class LoRABatch:
     segment_starts: torch.Tensor  # [num_adapters + 1] int32
     max_ranks: list[list[int]]  # [num_layers][num_modules], on the host: launch sizes, 0 = skip
     max_segment_len: int
+    host: LoRATables | None = None  # the tables on the host (`from_lists`), which the CUDA graphs copy from
 
     @property
     def num_tokens(self) -> int:
@@ -95,53 +140,29 @@ class LoRABatch:
     def from_lists(cls, adapters: list[ResidentAdapter], token_lists: list[list[int]], num_layers: int,
                    device: torch.device | str) -> "LoRABatch":
         """Adapter j's tokens are `token_lists[j]` (positions in the flat batch)."""
-        num_modules, num_adapters = len(MODULES), len(adapters)
-        # Filled on the host (numpy: cheap per element), then copied to the device once.
-        a_offsets = np.zeros((num_modules, num_adapters), dtype=np.int32)
-        b_offsets = np.zeros((num_modules, num_adapters), dtype=np.int32)
-        ranks = np.zeros((num_layers, num_modules, num_adapters), dtype=np.int32)
-        scalings = np.zeros((num_layers, num_modules, num_adapters), dtype=np.float32)
-        row_offset = 0
-        for j, adapter in enumerate(adapters):
-            for module, rows in adapter.layout.modules.items():
-                a_offsets[MODULE_INDEX[module], j] = row_offset + rows.a_start
-                b_offsets[MODULE_INDEX[module], j] = row_offset + rows.b_start
-            ranks[:, :, j], scalings[:, :, j] = _rank_tables(adapter, num_layers)
-            row_offset += adapter.layout.num_rows
-        lengths = np.array([len(tokens) for tokens in token_lists], dtype=np.int32)
-        starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
-        tokens = np.fromiter((t for group in token_lists for t in group), dtype=np.int32, count=int(starts[-1]))
-        to_device = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
-        return cls(
-            adapters=adapters,
-            row_table=torch.cat([a.row_table for a in adapters]).to(device=device, dtype=torch.int32),
-            a_offsets=to_device(a_offsets), b_offsets=to_device(b_offsets),
-            ranks=to_device(ranks), scalings=to_device(scalings),
-            token_indices=to_device(tokens),
-            token_adapters=to_device(np.repeat(np.arange(num_adapters, dtype=np.int32), lengths)),
-            segment_starts=to_device(starts),
-            max_ranks=(ranks.max(axis=2) if num_adapters else np.zeros((num_layers, num_modules), int)).tolist(),
-            max_segment_len=int(lengths.max(initial=0)),
-        )
-
-
-_RANK_TABLES: dict[int, tuple[ResidentAdapter, np.ndarray, np.ndarray]] = {}
-
-
-def _rank_tables(adapter: ResidentAdapter, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """`[num_layers, num_modules]` ranks and scalings of one adapter, computed once while it is resident."""
-    cached = _RANK_TABLES.get(id(adapter))
-    if cached is not None and cached[0] is adapter and cached[1].shape[0] == num_layers:
-        return cached[1], cached[2]
-    ranks = np.zeros((num_layers, len(MODULES)), dtype=np.int32)
-    scalings = np.zeros((num_layers, len(MODULES)), dtype=np.float32)
-    for (layer, module), rank in adapter.layer_ranks.items():
-        ranks[layer, MODULE_INDEX[module]] = rank
-        scalings[layer, MODULE_INDEX[module]] = adapter.layer_scalings[(layer, module)]
-    if len(_RANK_TABLES) >= 4096:  # adapters come and go: forget the old ones now and then
-        _RANK_TABLES.clear()
-    _RANK_TABLES[id(adapter)] = (adapter, ranks, scalings)
-    return ranks, scalings
+        columns = [adapter.tables(num_layers) for adapter in adapters]
+        lengths = np.fromiter(map(len, token_lists), dtype=np.int32, count=len(token_lists))
+        num_rows = np.fromiter((c.row_table.size for c in columns), dtype=np.int32, count=len(columns))
+        # Pinned for a CUDA device: the copy is then asynchronous (torch's pinned-memory cache keeps the buffer
+        # from reuse until the copy is done).
+        tables = LoRATables(int(num_rows.sum()), num_layers, len(adapters), int(lengths.sum()),
+                            pin_memory=torch.device(device).type == "cuda")
+        t = tables.arrays
+        if columns:
+            np.concatenate([c.row_table for c in columns], out=t["row_table"])
+            side = AdapterTables.side_by_side(columns, num_layers)
+            row_starts = np.cumsum(num_rows) - num_rows  # where each adapter's rows begin in the row table
+            for name in ("a_offsets", "b_offsets"):  # 0 for modules an adapter does not target
+                t[name][:] = (side[name] + row_starts) * side["targeted"]
+            t["ranks"][:] = side["ranks"]
+            t["scalings"][:] = side["scalings"]
+        np.cumsum(lengths, out=t["segment_starts"][1:])
+        t["token_indices"][:] = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32,
+                                            count=t["token_indices"].size)
+        t["token_adapters"][:] = np.repeat(np.arange(len(adapters), dtype=np.int32), lengths)
+        return cls(adapters=adapters, **tables.views(tables.buffer.to(device, non_blocking=True)),
+                   max_ranks=t["ranks"].max(axis=2, initial=0).tolist(), max_segment_len=int(lengths.max(initial=0)),
+                   host=tables)
 
 
 class ModuleByModule:

@@ -27,6 +27,10 @@ from slora.kernels.metadata import AttentionMetadata, SlotTable
 triton_interpreter.patch()
 
 _LOG2E = 1.4426950408889634
+MAX_DECODE_SPLITS = 64  # flash-decoding splits of one context (the merge reads them in one block)
+# Integer arguments that change from step to step: never specialized, so that a new batch never
+# compiles a kernel again (Triton specializes integers on "equals 1" and "divisible by 16").
+_STEP_INTS = ("stride_table", "split_len", "num_splits")
 
 
 @triton.jit
@@ -58,7 +62,7 @@ def _attend_block(q, k_base, table, n0, key_end, positions, offs_d, d_mask, stri
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STEP_INTS)
 def _prefill(q_ptr, o_ptr, kv_ptr, slots_ptr, context_lens_ptr, query_starts_ptr, query_lens_ptr,
              stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_kv, stride_kvh, stride_table,
              qk_scale, head_dim, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -93,11 +97,11 @@ def _prefill(q_ptr, o_ptr, kv_ptr, slots_ptr, context_lens_ptr, query_starts_ptr
              mask=m_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STEP_INTS)
 def _decode(q_ptr, o_ptr, partial_o_ptr, partial_lse_ptr, kv_ptr, slots_ptr, context_lens_ptr, query_starts_ptr,
             stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_kv, stride_kvh, stride_table,
-            qk_scale, head_dim, num_heads, split_len, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_MODE: tl.constexpr):
+            qk_scale, head_dim, num_heads, split_len, num_splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,28 +124,28 @@ def _decode(q_ptr, o_ptr, partial_o_ptr, partial_lse_ptr, kv_ptr, slots_ptr, con
     for n0 in range(start, end, BLOCK_N):
         m_i, l_i, acc = _attend_block(q, k_base, table, n0, end, end, offs_d, d_mask, stride_slot,
                                       stride_kv, qk_scale, m_i, l_i, acc, BLOCK_N, False, DOT_MODE)
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         tl.store(o_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     else:  # an empty split (past the context) leaves l = 0 and lse = -inf: it weighs nothing in the merge
-        row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split
+        row = (seq.to(tl.int64) * num_heads + heads) * num_splits + split
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         tl.store(partial_o_ptr + row[:, None] * head_dim + offs_d[None, :], acc / safe_l[:, None],
                  mask=g_mask[:, None] & d_mask[None, :])
         tl.store(partial_lse_ptr + row, tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf")), mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STEP_INTS)
 def _merge_splits(partial_o_ptr, partial_lse_ptr, o_ptr, query_starts_ptr, stride_ot, stride_oh, head_dim,
-                  num_heads, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                  num_heads, num_splits, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     token = tl.load(query_starts_ptr + seq).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
-    rows = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + offs_s
+    rows = (seq.to(tl.int64) * num_heads + head) * num_splits + offs_s
     lse = tl.load(partial_lse_ptr + rows, mask=s_mask, other=float("-inf"))
     weights = tl.exp2(lse - tl.max(lse, axis=0))
     parts = tl.load(partial_o_ptr + rows[:, None] * head_dim + offs_d[None, :],
@@ -176,7 +180,7 @@ def decode_splits(num_seqs: int, kv_heads: int, max_context_len: int, device: to
     if device.type != "cuda" or max_context_len <= 256:
         return 1
     programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(max_context_len, 256), triton.cdiv(programs, num_seqs * kv_heads)))
+    return max(1, min(triton.cdiv(max_context_len, 256), triton.cdiv(programs, num_seqs * kv_heads), MAX_DECODE_SPLITS))
 
 
 def decode(q: torch.Tensor, out: torch.Tensor, kv_layer: torch.Tensor, table: SlotTable, scale: float,
@@ -184,7 +188,8 @@ def decode(q: torch.Tensor, out: torch.Tensor, kv_layer: torch.Tensor, table: Sl
     """Attention of each sequence's one new token to its whole context (GQA-aware, flash-decoding)."""
     num_seqs, (num_heads, head_dim), kv_heads = table.slots.shape[0], q.shape[1:], kv_layer.shape[2]
     group = num_heads // kv_heads
-    num_splits = num_splits or decode_splits(num_seqs, kv_heads, table.max_context_len, q.device)
+    num_splits = min(num_splits or decode_splits(num_seqs, kv_heads, table.max_context_len, q.device),
+                     MAX_DECODE_SPLITS)
     block_n = block_n or 64
     split_len = triton.cdiv(triton.cdiv(table.max_context_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(table.max_context_len, split_len)
@@ -197,12 +202,13 @@ def decode(q: torch.Tensor, out: torch.Tensor, kv_layer: torch.Tensor, table: Sl
     _decode[(num_seqs, kv_heads, num_splits)](
         q, out, partial_o, partial_lse, kv_layer, table.slots, table.context_lens, table.query_starts,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_kv_strides(kv_layer), table.slots.stride(0),
-        scale * _LOG2E, head_dim, num_heads, split_len, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits, DOT_MODE=dot_mode(q.dtype), num_warps=4)
+        scale * _LOG2E, head_dim, num_heads, split_len, num_splits, GROUP=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, DOT_MODE=dot_mode(q.dtype),
+        num_warps=4)
     if num_splits > 1:
         _merge_splits[(num_seqs, num_heads)](
             partial_o, partial_lse, out, table.query_starts, out.stride(0), out.stride(1), head_dim, num_heads,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
+            num_splits, BLOCK_S=MAX_DECODE_SPLITS, BLOCK_D=block_d)
 
 
 def slot_table_of(meta: AttentionMetadata) -> SlotTable:

@@ -24,7 +24,7 @@ a tile needs one row id per rank row, loaded from the row table as it goes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -39,51 +39,79 @@ triton_interpreter.patch()
 
 MAX_SPLIT_K = 16
 
+# Integer arguments that change from batch to batch. Triton compiles a kernel again for every new
+# combination of "equals 1" and "divisible by 16" of its integer arguments unless told not to; a new
+# compile inside a serving step costs a second or more, so these are never specialized.
+# Offsets that must stay provably aligned for 16-byte loads are passed in units the kernel multiplies
+# back by a constexpr (K and N steps per split, v's strides in 16s).
+_BATCH_INTS = ("table_width", "v_split16", "v_row16", "split_k", "k_steps", "rank_tiles", "num_m_splits", "n_splits",
+               "n_steps")
+# Pointers are specialized on 16-byte alignment too: a layer's rank and scaling tables are views at an
+# offset that depends on the batch's width.
+_BATCH_VIEWS = ("ranks_ptr", "scalings_ptr")
+
 
 @triton.jit
-def _shrink_program(pid, modules_ptr, ranks_ptr, a_offsets_ptr, j, num_adapters, rank_tiles,
-                    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+def _shrink_program(pid, modules_ptr, ranks_ptr, a_offsets_ptr, j, table_width, rank_tiles, split_k,
+                    BLOCK_R: tl.constexpr):
     """(module slot p, split, rank, first rank row of the tile, A's offset in the row table) of a shrink program."""
-    p = pid // (rank_tiles * SPLIT_K)
+    p = pid // (rank_tiles * split_k)
     m = tl.load(modules_ptr + p)
-    rank = tl.load(ranks_ptr + m * num_adapters + j)
-    r0 = ((pid // SPLIT_K) % rank_tiles) * BLOCK_R
-    return p, pid % SPLIT_K, rank, r0, tl.load(a_offsets_ptr + m * num_adapters + j)
+    rank = tl.load(ranks_ptr + m * table_width + j)
+    r0 = ((pid // split_k) % rank_tiles) * BLOCK_R
+    return p, pid % split_k, rank, r0, tl.load(a_offsets_ptr + m * table_width + j)
 
 
 @triton.jit
-def _expand_program(tile, modules_ptr, tile_starts_ptr, columns_ptr, b_chunks_ptr, ranks_ptr, num_adapters, j,
-                    BLOCK_N: tl.constexpr, P: tl.constexpr):
-    """(module slot p, module index, rank, first output feature within the module, its column in y,
-    B chunks) of an expand program: tiles are numbered across the projection's modules."""
-    p = 0
-    for i in tl.static_range(1, P):
-        p += (tile >= tl.load(tile_starts_ptr + i)).to(tl.int32)
+def _expand_program(pid, modules_ptr, columns_ptr, widths_ptr, b_chunks_ptr, b_offsets_ptr, ranks_ptr,
+                    scalings_ptr, table_width, j, n_splits, n_steps, BLOCK_N: tl.constexpr,
+                    WIDTH_UNIT: tl.constexpr):
+    """(module slot p, rank, scaling, output features [n_start, n_end) within the module, the module's
+    first column in y, B's offset in the row table, B chunks) of an expand program."""
+    p = pid // n_splits
     m = tl.load(modules_ptr + p)
-    n0 = (tile - tl.load(tile_starts_ptr + p)) * BLOCK_N
-    return (p, m, tl.load(ranks_ptr + m * num_adapters + j), n0, tl.load(columns_ptr + p) + n0,
+    n_start = (pid % n_splits) * n_steps * BLOCK_N
+    n_end = tl.minimum(n_start + n_steps * BLOCK_N, tl.load(widths_ptr + p) * WIDTH_UNIT)
+    return (p, tl.load(ranks_ptr + m * table_width + j), tl.load(scalings_ptr + m * table_width + j), n_start,
+            n_end, tl.load(columns_ptr + p) * WIDTH_UNIT, tl.load(b_offsets_ptr + m * table_width + j),
             tl.load(b_chunks_ptr + p))
 
 
 @triton.jit
-def _load_v(v_ptr, stride_vs, stride_v, p, positions, offs_r, mask, SPLIT_K: tl.constexpr):
-    """The shrink result of module slot p at `positions` x `offs_r`: the sum of its SPLIT_K partials."""
-    base = v_ptr + (p * SPLIT_K) * stride_vs + positions.to(tl.int64) * stride_v + offs_r
-    v = tl.load(base, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        v += tl.load(base + s * stride_vs, mask=mask, other=0.0)
+def _v_rows(v_ptr, v_split16, v_row16, p, split_k, positions):
+    """Where shrink's partials of module slot p (split 0) start for `positions`; the stride between splits."""
+    split_stride = v_split16.to(tl.int64) * 16
+    return v_ptr + (p * split_k) * split_stride + positions.to(tl.int64) * (v_row16 * 16), split_stride
+
+
+@triton.jit
+def _load_v(v_ptr, v_split16, v_row16, p, split_k, positions, offs_r, mask):
+    """The shrink result of module slot p at `positions` x `offs_r`: the sum of its `split_k` partials."""
+    rows, split_stride = _v_rows(v_ptr, v_split16, v_row16, p, split_k, positions)
+    v = tl.load(rows + offs_r, mask=mask, other=0.0)
+    for s in range(1, split_k):
+        v += tl.load(rows + s * split_stride + offs_r, mask=mask, other=0.0)
     return v
 
 
 @triton.jit
-def _shrink_segments(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, ranks_ptr, modules_ptr, num_adapters,
-                     token_indices_ptr, segment_starts_ptr, v_ptr, stride_vs, stride_v, in_features, kv_dim, a_chunks,
-                     k_per_split, rank_tiles, num_m_splits, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT_MODE: tl.constexpr):
+def _b_tile(rows_ptr, row_table_ptr, b_rows, n0, offs_bn, r_mask, n_mask, kv_dim):
+    """Columns `n0 + offs_bn` of the B^T rows whose chunk 0 is at `b_rows` in the row table."""
+    chunk = n0 // kv_dim
+    row_ids = tl.load(row_table_ptr + b_rows + chunk, mask=r_mask, other=0).to(tl.int64)
+    return tl.load(rows_ptr + row_ids[:, None] * kv_dim + (n0 - chunk * kv_dim) + offs_bn[None, :],
+                   mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+
+
+@triton.jit(do_not_specialize=_BATCH_INTS, do_not_specialize_on_alignment=_BATCH_VIEWS)
+def _shrink_segments(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, ranks_ptr, modules_ptr, table_width,
+                     token_indices_ptr, segment_starts_ptr, v_ptr, v_split16, v_row16, in_features, kv_dim, a_chunks,
+                     k_steps, split_k, rank_tiles, num_m_splits, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr):
     j = tl.program_id(0)
     pid_m = tl.program_id(1)
     p, pid_k, rank, r0, a_offset = _shrink_program(tl.program_id(2), modules_ptr, ranks_ptr, a_offsets_ptr, j,
-                                                   num_adapters, rank_tiles, BLOCK_R, SPLIT_K)
+                                                   table_width, rank_tiles, split_k, BLOCK_R)
     if r0 >= rank:
         return
     offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -91,8 +119,8 @@ def _shrink_segments(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, ra
     segment_end = tl.load(segment_starts_ptr + j + 1)
     r_mask = offs_r < rank
     a_rows = a_offset + offs_r * a_chunks  # row-table index of each rank row's chunk 0
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, in_features)
+    k_start = pid_k * k_steps * BLOCK_K
+    k_end = tl.minimum(k_start + k_steps * BLOCK_K, in_features)
     offs_bk = tl.arange(0, BLOCK_K)
     for m0 in range(segment_start + pid_m * BLOCK_M, segment_end, num_m_splits * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -108,65 +136,63 @@ def _shrink_segments(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, ra
             a = tl.load(rows_ptr + row_ids[:, None] * kv_dim + (k0 - chunk * kv_dim) + offs_bk[None, :],
                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             acc += dot(x, tl.trans(a.to(x.dtype)), DOT_MODE)
-        out = v_ptr + (p * SPLIT_K + pid_k) * stride_vs + offs_m[:, None].to(tl.int64) * stride_v + offs_r[None, :]
-        tl.store(out, acc, mask=m_mask[:, None] & r_mask[None, :])
+        out, split_stride = _v_rows(v_ptr, v_split16, v_row16, p, split_k, offs_m[:, None])
+        tl.store(out + pid_k * split_stride + offs_r[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit
-def _expand_segments(y_ptr, stride_y, v_ptr, stride_vs, stride_v, rows_ptr, row_table_ptr, b_offsets_ptr, ranks_ptr,
-                     scalings_ptr, modules_ptr, num_adapters, tile_starts_ptr, columns_ptr, widths_ptr, b_chunks_ptr,
-                     token_indices_ptr, segment_starts_ptr, kv_dim, num_m_splits, P: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+@triton.jit(do_not_specialize=_BATCH_INTS, do_not_specialize_on_alignment=_BATCH_VIEWS)
+def _expand_segments(y_ptr, stride_y, v_ptr, v_split16, v_row16, split_k, rows_ptr, row_table_ptr, b_offsets_ptr,
+                     ranks_ptr, scalings_ptr, modules_ptr, table_width, columns_ptr, widths_ptr, b_chunks_ptr,
+                     token_indices_ptr, segment_starts_ptr, kv_dim, n_splits, n_steps, num_m_splits,
+                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH_UNIT: tl.constexpr,
                      DOT_MODE: tl.constexpr):
     j = tl.program_id(0)
     pid_m = tl.program_id(1)
-    p, m, rank, n0, column, b_chunks = _expand_program(tl.program_id(2), modules_ptr, tile_starts_ptr, columns_ptr,
-                                                       b_chunks_ptr, ranks_ptr, num_adapters, j, BLOCK_N, P)
+    p, rank, scaling, n_start, n_end, column, b_offset, b_chunks = _expand_program(
+        tl.program_id(2), modules_ptr, columns_ptr, widths_ptr, b_chunks_ptr, b_offsets_ptr, ranks_ptr, scalings_ptr,
+        table_width, j, n_splits, n_steps, BLOCK_N, WIDTH_UNIT)
     if rank == 0:
         return
-    scaling = tl.load(scalings_ptr + m * num_adapters + j)
     segment_start = tl.load(segment_starts_ptr + j)
     segment_end = tl.load(segment_starts_ptr + j + 1)
-    chunk = n0 // kv_dim
     offs_bn = tl.arange(0, BLOCK_N)
-    n_mask = n0 + offs_bn < tl.load(widths_ptr + p)
-    b_rows = tl.load(b_offsets_ptr + m * num_adapters + j) + chunk
     for m0 in range(segment_start + pid_m * BLOCK_M, segment_end, num_m_splits * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < segment_end
         tokens = tl.load(token_indices_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, rank, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < rank
-            v = _load_v(v_ptr, stride_vs, stride_v, p, offs_m[:, None], offs_r[None, :],
-                        m_mask[:, None] & r_mask[None, :], SPLIT_K)
-            row_ids = tl.load(row_table_ptr + b_rows + offs_r * b_chunks, mask=r_mask, other=0).to(tl.int64)
-            b = tl.load(rows_ptr + row_ids[:, None] * kv_dim + (n0 - chunk * kv_dim) + offs_bn[None, :],
-                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            acc += dot(v.to(b.dtype), b, DOT_MODE)
-        y_ptrs = y_ptr + tokens[:, None] * stride_y + (column + offs_bn)[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        y = tl.load(y_ptrs, mask=mask, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y.dtype), mask=mask)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            n_mask = n0 + offs_bn < n_end
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, rank, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < rank
+                v = _load_v(v_ptr, v_split16, v_row16, p, split_k, offs_m[:, None], offs_r[None, :],
+                            m_mask[:, None] & r_mask[None, :])
+                b = _b_tile(rows_ptr, row_table_ptr, b_offset + offs_r * b_chunks, n0, offs_bn, r_mask, n_mask,
+                            kv_dim)
+                acc += dot(v.to(b.dtype), b, DOT_MODE)
+            y_ptrs = y_ptr + tokens[:, None] * stride_y + (column + n0 + offs_bn)[None, :]
+            mask = m_mask[:, None] & n_mask[None, :]
+            y = tl.load(y_ptrs, mask=mask, other=0.0)
+            tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y.dtype), mask=mask)
 
 
-@triton.jit
-def _shrink_tokens(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, ranks_ptr, modules_ptr, num_adapters,
-                   token_indices_ptr, token_adapters_ptr, v_ptr, stride_vs, stride_v, in_features, kv_dim, a_chunks,
-                   k_per_split, rank_tiles, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+@triton.jit(do_not_specialize=_BATCH_INTS, do_not_specialize_on_alignment=_BATCH_VIEWS)
+def _shrink_tokens(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, ranks_ptr, modules_ptr, table_width,
+                   token_indices_ptr, token_adapters_ptr, v_ptr, v_split16, v_row16, in_features, kv_dim, a_chunks,
+                   k_steps, split_k, rank_tiles, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     position = tl.program_id(0)
     j = tl.load(token_adapters_ptr + position)
     p, pid_k, rank, r0, a_offset = _shrink_program(tl.program_id(1), modules_ptr, ranks_ptr, a_offsets_ptr, j,
-                                                   num_adapters, rank_tiles, BLOCK_R, SPLIT_K)
+                                                   table_width, rank_tiles, split_k, BLOCK_R)
     if r0 >= rank:
         return
     offs_r = r0 + tl.arange(0, BLOCK_R)
     token = tl.load(token_indices_ptr + position).to(tl.int64)
     r_mask = offs_r < rank
     a_rows = a_offset + offs_r * a_chunks
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, in_features)
+    k_start = pid_k * k_steps * BLOCK_K
+    k_end = tl.minimum(k_start + k_steps * BLOCK_K, in_features)
     offs_bk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -177,38 +203,35 @@ def _shrink_tokens(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, rank
         a = tl.load(rows_ptr + row_ids[:, None] * kv_dim + (k0 - chunk * kv_dim) + offs_bk[None, :],
                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    tl.store(v_ptr + (p * SPLIT_K + pid_k) * stride_vs + position.to(tl.int64) * stride_v + offs_r, acc, mask=r_mask)
+    out, split_stride = _v_rows(v_ptr, v_split16, v_row16, p, split_k, position)
+    tl.store(out + pid_k * split_stride + offs_r, acc, mask=r_mask)
 
 
-@triton.jit
-def _expand_tokens(y_ptr, stride_y, v_ptr, stride_vs, stride_v, rows_ptr, row_table_ptr, b_offsets_ptr, ranks_ptr,
-                   scalings_ptr, modules_ptr, num_adapters, tile_starts_ptr, columns_ptr, widths_ptr, b_chunks_ptr,
-                   token_indices_ptr, token_adapters_ptr, kv_dim, P: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+@triton.jit(do_not_specialize=_BATCH_INTS, do_not_specialize_on_alignment=_BATCH_VIEWS)
+def _expand_tokens(y_ptr, stride_y, v_ptr, v_split16, v_row16, split_k, rows_ptr, row_table_ptr, b_offsets_ptr,
+                   ranks_ptr, scalings_ptr, modules_ptr, table_width, columns_ptr, widths_ptr, b_chunks_ptr,
+                   token_indices_ptr, token_adapters_ptr, kv_dim, n_splits, n_steps, BLOCK_R: tl.constexpr,
+                   BLOCK_N: tl.constexpr, WIDTH_UNIT: tl.constexpr):
     position = tl.program_id(0)
     j = tl.load(token_adapters_ptr + position)
-    p, m, rank, n0, column, b_chunks = _expand_program(tl.program_id(1), modules_ptr, tile_starts_ptr, columns_ptr,
-                                                       b_chunks_ptr, ranks_ptr, num_adapters, j, BLOCK_N, P)
+    p, rank, scaling, n_start, n_end, column, b_offset, b_chunks = _expand_program(
+        tl.program_id(1), modules_ptr, columns_ptr, widths_ptr, b_chunks_ptr, b_offsets_ptr, ranks_ptr, scalings_ptr,
+        table_width, j, n_splits, n_steps, BLOCK_N, WIDTH_UNIT)
     if rank == 0:
         return
-    scaling = tl.load(scalings_ptr + m * num_adapters + j)
-    token = tl.load(token_indices_ptr + position).to(tl.int64)
-    chunk = n0 // kv_dim
+    y_row = y_ptr + tl.load(token_indices_ptr + position).to(tl.int64) * stride_y + column
     offs_bn = tl.arange(0, BLOCK_N)
-    n_mask = n0 + offs_bn < tl.load(widths_ptr + p)
-    b_rows = tl.load(b_offsets_ptr + m * num_adapters + j) + chunk
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        v = _load_v(v_ptr, stride_vs, stride_v, p, position, offs_r, r_mask, SPLIT_K)
-        row_ids = tl.load(row_table_ptr + b_rows + offs_r * b_chunks, mask=r_mask, other=0).to(tl.int64)
-        b = tl.load(rows_ptr + row_ids[:, None] * kv_dim + (n0 - chunk * kv_dim) + offs_bn[None, :],
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.sum(v[:, None] * b.to(tl.float32), axis=0)
-    y_ptrs = y_ptr + token * stride_y + column + offs_bn
-    y = tl.load(y_ptrs, mask=n_mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y.dtype), mask=n_mask)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        n_mask = n0 + offs_bn < n_end
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < rank
+            v = _load_v(v_ptr, v_split16, v_row16, p, split_k, position, offs_r, r_mask)
+            b = _b_tile(rows_ptr, row_table_ptr, b_offset + offs_r * b_chunks, n0, offs_bn, r_mask, n_mask, kv_dim)
+            acc += tl.sum(v[:, None] * b.to(tl.float32), axis=0)
+        y = tl.load(y_row + n0 + offs_bn, mask=n_mask, other=0.0)
+        tl.store(y_row + n0 + offs_bn, (y.to(tl.float32) + scaling * acc).to(y.dtype), mask=n_mask)
 
 
 @dataclass(frozen=True)
@@ -218,10 +241,30 @@ class LoRAKernelConfig:
     block_m: int | None = None  # tokens per block (segment form)
     block_r: int | None = None  # rank rows per tile
     block_k: int | None = None  # input features per step of shrink (divides kv_dim)
-    block_n: int | None = None  # output features per tile of expand (divides kv_dim)
+    block_n: int | None = None  # output features per step of expand (divides kv_dim)
     split_k: int | None = None  # shrink programs along the input features (partials summed by expand)
+    n_splits: int | None = None  # expand programs along each module's output features
     m_splits: int | None = None  # programs along one segment's tokens (segment form)
     num_warps: int | None = None
+    num_stages: int | None = None  # None: Triton's default
+
+
+# On a GPU the compiled block sizes never depend on the batch (only grids and splits do, which are
+# arguments): every launch is one of `compile_variants`, all compiled at start-up (`precompile`),
+# so no serving step waits for a compile. The segment form's values are the H100 sweep's best over
+# decode (64 and 256 adapters) and prefill at Llama-2-7B shapes (bench/results/2026-11-23-h100-*-tuning);
+# the token form (not the engine's) keeps untuned ones.
+GPU_DEFAULTS = {
+    ("shrink", "segment"): LoRAKernelConfig(block_r=32, block_k=128, num_warps=4),
+    ("shrink", "token"): LoRAKernelConfig(block_r=64, block_k=256, num_warps=4),
+    ("expand", "segment"): LoRAKernelConfig(block_r=32, block_n=128, num_warps=4),
+    ("expand", "token"): LoRAKernelConfig(block_r=64, block_n=128, num_warps=4),
+}
+BLOCK_M_CHOICES = (16, 64)  # segment form: segments of at most 16 tokens (decode), longer ones
+PROGRAMS_PER_SM = 4  # splits are chosen so that a launch has at least this many programs per SM
+# ... and never fewer than these on a GPU: in the sweep 2 K splits and 8 output splits were best in
+# every case, even where fewer already gave 4 programs per SM (shorter programs balance better).
+GPU_MIN_SPLIT_K, GPU_MIN_N_SPLITS = 2, 8
 
 
 def _pow2_at_least(n: int) -> int:
@@ -232,44 +275,51 @@ def _clamp(value: int, low: int, high: int) -> int:
     return max(low, min(high, value))
 
 
+def block_m_for(max_segment_len: int) -> int:
+    return BLOCK_M_CHOICES[0] if max_segment_len <= BLOCK_M_CHOICES[0] else BLOCK_M_CHOICES[1]
+
+
 def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank: int, kv_dim: int,
                   device: torch.device, given: LoRAKernelConfig | None = None,
                   num_modules: int = 1) -> LoRAKernelConfig:
     """Fill the unset fields of `given` for one launch over `num_modules` modules of `features`
     inputs (shrink) or outputs each (expand).
 
-    On CUDA: enough programs to cover the SMs (split-K for shrink, token splits for long
-    segments). Under the CPU interpreter programs run one after another: few, large blocks.
+    On CUDA: `GPU_DEFAULTS`' block sizes, and enough programs to cover the SMs (split-K for shrink,
+    output splits for expand, token splits for long segments). Under the CPU interpreter programs
+    run one after another: few, large blocks, sized to the batch.
     """
     given = given or LoRAKernelConfig()
+    sms = multiprocessors(device)
+    defaults = GPU_DEFAULTS[(op, form)] if sms else LoRAKernelConfig(block_k=256 if form == "token" else 128,
+                                                                      block_n=256, num_warps=4)
     feature_block = kv_dim & -kv_dim  # the largest power of two dividing kv_dim
-    on_cuda = device.type == "cuda"
     max_segment = max(1, batch.max_segment_len)
-    block_m = given.block_m or _clamp(_pow2_at_least(max_segment), 16, 64)
-    if op == "shrink":
-        block_r = given.block_r or _clamp(_pow2_at_least(max_rank), 16, 64 if on_cuda else 128)
-    else:
-        block_r = given.block_r or (16 if on_cuda else _clamp(_pow2_at_least(max_rank), 16, 128))
-    block_k = min(given.block_k or (256 if form == "token" else 128), feature_block, _pow2_at_least(features))
-    block_n = min(given.block_n or (128 if on_cuda else 256), feature_block, _pow2_at_least(features))
-    m_splits = given.m_splits or (min(triton.cdiv(max_segment, block_m), 1024) if on_cuda else 1)
-    split_k = given.split_k
-    if split_k is None:
-        split_k = 1
-        if on_cuda and op == "shrink":
-            rank_tiles = triton.cdiv(max_rank, block_r)
-            units = (batch.num_tokens if form == "token" else batch.num_segments * m_splits) * num_modules
-            target = 4 * _multiprocessors(device)
-            split_k = triton.cdiv(target, units * rank_tiles)
-    split_k = _clamp(split_k, 1, min(MAX_SPLIT_K, triton.cdiv(features, block_k)))
-    num_warps = given.num_warps or 4
-    return LoRAKernelConfig(block_m, block_r, block_k, block_n, split_k, m_splits, num_warps)
+    block_m = given.block_m or block_m_for(max_segment)
+    block_r = given.block_r or defaults.block_r or _clamp(_pow2_at_least(max_rank), 16, 128)
+    block_k = min(given.block_k or defaults.block_k or 128, feature_block, _pow2_at_least(features))
+    block_n = min(given.block_n or defaults.block_n or 128, feature_block, _pow2_at_least(features))
+    m_splits = given.m_splits or (min(triton.cdiv(max_segment, block_m), 1024) if sms else 1)
+    units = (batch.num_tokens if form == "token" else batch.num_segments * m_splits) * num_modules
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, units) if sms else 1
+    split_k, n_splits = 1, 1
+    if op == "shrink" and sms:
+        split_k = max(GPU_MIN_SPLIT_K, triton.cdiv(wanted, triton.cdiv(max_rank, block_r)))
+    elif sms:
+        n_splits = max(GPU_MIN_N_SPLITS, wanted)
+    split_k = _clamp(given.split_k or split_k, 1, min(MAX_SPLIT_K, triton.cdiv(features, block_k)))
+    n_splits = _clamp(given.n_splits or n_splits, 1, triton.cdiv(features, block_n))
+    return LoRAKernelConfig(block_m, block_r, block_k, block_n, split_k, n_splits, m_splits,
+                            given.num_warps or defaults.num_warps, given.num_stages or defaults.num_stages)
 
 
 _SM_COUNTS: dict[int, int] = {}
 
 
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int | None:
+    """SMs of a CUDA device; None elsewhere (the interpreter), where launches are sized for the CPU."""
+    if device.type != "cuda":
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNTS:
         _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -281,28 +331,25 @@ class ProjectionTables:
     """Where each module of a projection lives, as the kernels read it (built once per shape)."""
 
     modules: torch.Tensor  # [P] int32: each module's index in `MODULES` (rows of the rank tables)
-    tile_starts: torch.Tensor  # [P + 1] int32: expand tiles of BLOCK_N outputs, numbered across modules
-    columns: torch.Tensor  # [P] int32: each module's first column in the projection's output
-    widths: torch.Tensor  # [P] int32: each module's output features
+    columns: torch.Tensor  # [P] int32: each module's first column in the projection's output, in width units
+    widths: torch.Tensor  # [P] int32: each module's output features, in width units
     b_chunks: torch.Tensor  # [P] int32: pool rows per canonical row of each module's B^T
-    num_tiles: int
+    width_unit: int  # 16 when every module's width is a multiple of 16 (then loads of B and y are aligned), else 1
 
 
 _TABLES: dict[tuple, ProjectionTables] = {}
 
 
-def projection_tables(projection: Projection, kv_dim: int, block_n: int, device: torch.device) -> ProjectionTables:
-    key = (projection, kv_dim, block_n, str(device))
+def projection_tables(projection: Projection, kv_dim: int, device: torch.device) -> ProjectionTables:
+    key = (projection, kv_dim, str(device))
     if key not in _TABLES:
-        tiles = [triton.cdiv(width, block_n) for width in projection.widths]
-        starts = [0]
-        for count in tiles:
-            starts.append(starts[-1] + count)
         as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
+        unit = 16 if all(width % 16 == 0 for width in projection.widths) else 1
         _TABLES[key] = ProjectionTables(
-            modules=as_int32([MODULE_INDEX[m] for m in projection.modules]), tile_starts=as_int32(starts),
-            columns=as_int32(list(projection.starts)), widths=as_int32(list(projection.widths)),
-            b_chunks=as_int32([triton.cdiv(width, kv_dim) for width in projection.widths]), num_tiles=starts[-1])
+            modules=as_int32([MODULE_INDEX[m] for m in projection.modules]),
+            columns=as_int32([start // unit for start in projection.starts]),
+            widths=as_int32([width // unit for width in projection.widths]),
+            b_chunks=as_int32([triton.cdiv(width, kv_dim) for width in projection.widths]), width_unit=unit)
     return _TABLES[key]
 
 
@@ -310,7 +357,7 @@ def projection_tables(projection: Projection, kv_dim: int, block_n: int, device:
 class Shrunk:
     """Shrink's output: `v[p * split_k + s, i, :r]`, partial sums of module slot p for LoRA token i."""
 
-    v: torch.Tensor  # [P * split_k, num_lora_tokens, max rank] float32
+    v: torch.Tensor  # [P * split_k, num_lora_tokens, max rank rounded up to 16] float32
     split_k: int
 
 
@@ -327,76 +374,150 @@ def shrink(x: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, pr
     max_rank = projection_max_rank(batch, layer, projection)
     if max_rank == 0:
         return None
+    c = choose_config("shrink", form, batch, x.shape[1], max_rank, rows.shape[1], rows.device, config,
+                      len(projection.modules))
+    return _shrink(x, rows, batch, layer, projection, form, c, max_rank)
+
+
+def _shrink(x: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, projection: Projection, form: str,
+            c: LoRAKernelConfig, max_rank: int) -> Shrunk:
     num_modules, in_features, kv_dim = len(projection.modules), x.shape[1], rows.shape[1]
-    c = choose_config("shrink", form, batch, in_features, max_rank, kv_dim, rows.device, config, num_modules)
-    k_per_split = triton.cdiv(triton.cdiv(in_features, c.split_k), c.block_k) * c.block_k
-    split_k = triton.cdiv(in_features, k_per_split)
-    v = torch.empty(num_modules * split_k, batch.num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    k_steps = triton.cdiv(triton.cdiv(in_features, c.split_k), c.block_k)
+    split_k = triton.cdiv(in_features, k_steps * c.block_k)
+    # Rows of v padded to 16 floats, so that every row starts 64-byte aligned (and the kernels know it).
+    v_row = triton.cdiv(max_rank, 16) * 16
+    v = torch.empty(num_modules * split_k, batch.num_tokens, v_row, dtype=torch.float32, device=x.device)
     rank_tiles = triton.cdiv(max_rank, c.block_r)
-    tables = projection_tables(projection, kv_dim, c.block_n, rows.device)
+    tables = projection_tables(projection, kv_dim, rows.device)
     common = (rows, batch.row_table, batch.a_offsets, batch.ranks[layer], tables.modules, batch.table_width,
               batch.token_indices)
-    tail = (v, v.stride(0), v.stride(1), in_features, kv_dim, triton.cdiv(in_features, kv_dim), k_per_split,
-            rank_tiles)
+    tail = (v, v.stride(0) // 16, v_row // 16, in_features, kv_dim, triton.cdiv(in_features, kv_dim), k_steps,
+            split_k, rank_tiles)
     programs = num_modules * rank_tiles * split_k
+    options = {"num_warps": c.num_warps, **({"num_stages": c.num_stages} if c.num_stages else {})}
     if form == "segment":
         _shrink_segments[(batch.num_segments, c.m_splits, programs)](
             x, x.stride(0), *common, batch.segment_starts, *tail, c.m_splits, BLOCK_M=c.block_m, BLOCK_R=c.block_r,
-            BLOCK_K=c.block_k, SPLIT_K=split_k, DOT_MODE=dot_mode(x.dtype), num_warps=c.num_warps)
+            BLOCK_K=c.block_k, DOT_MODE=dot_mode(x.dtype), **options)
     else:
         _shrink_tokens[(batch.num_tokens, programs)](
-            x, x.stride(0), *common, batch.token_adapters, *tail, BLOCK_R=c.block_r, BLOCK_K=c.block_k,
-            SPLIT_K=split_k, num_warps=c.num_warps)
+            x, x.stride(0), *common, batch.token_adapters, *tail, BLOCK_R=c.block_r, BLOCK_K=c.block_k, **options)
     return Shrunk(v, split_k)
 
 
 def expand(y: torch.Tensor, shrunk: Shrunk, rows: torch.Tensor, batch: LoRABatch, layer: int,
            projection: Projection, form: str = "segment", config: LoRAKernelConfig | None = None) -> None:
     """`y[token i, module columns] += s * v[i, :r] @ B^T` in place, for every module and LoRA token i."""
-    max_rank = projection_max_rank(batch, layer, projection)
+    c = choose_config("expand", form, batch, max(projection.widths), projection_max_rank(batch, layer, projection),
+                      rows.shape[1], rows.device, config, len(projection.modules))
+    _expand(y, shrunk, rows, batch, layer, projection, form, c)
+
+
+def _expand(y: torch.Tensor, shrunk: Shrunk, rows: torch.Tensor, batch: LoRABatch, layer: int,
+            projection: Projection, form: str, c: LoRAKernelConfig) -> None:
     kv_dim = rows.shape[1]
-    c = choose_config("expand", form, batch, max(projection.widths), max_rank, kv_dim, rows.device, config)
-    tables = projection_tables(projection, kv_dim, c.block_n, rows.device)
+    tables = projection_tables(projection, kv_dim, rows.device)
+    n_steps = triton.cdiv(triton.cdiv(max(projection.widths), c.n_splits), c.block_n)
+    n_splits = triton.cdiv(max(projection.widths), n_steps * c.block_n)
     v = shrunk.v
-    common = (y, y.stride(0), v, v.stride(0), v.stride(1), rows, batch.row_table, batch.b_offsets,
-              batch.ranks[layer], batch.scalings[layer], tables.modules, batch.table_width, tables.tile_starts,
+    common = (y, y.stride(0), v, v.stride(0) // 16, v.stride(1) // 16, shrunk.split_k, rows, batch.row_table,
+              batch.b_offsets, batch.ranks[layer], batch.scalings[layer], tables.modules, batch.table_width,
               tables.columns, tables.widths, tables.b_chunks, batch.token_indices)
+    programs = len(projection.modules) * n_splits
+    options = {"num_warps": c.num_warps, **({"num_stages": c.num_stages} if c.num_stages else {})}
     if form == "segment":
-        _expand_segments[(batch.num_segments, c.m_splits, tables.num_tiles)](
-            *common, batch.segment_starts, kv_dim, c.m_splits, P=len(projection.modules), BLOCK_M=c.block_m,
-            BLOCK_R=c.block_r, BLOCK_N=c.block_n, SPLIT_K=shrunk.split_k, DOT_MODE=dot_mode(rows.dtype),
-            num_warps=c.num_warps)
+        _expand_segments[(batch.num_segments, c.m_splits, programs)](
+            *common, batch.segment_starts, kv_dim, n_splits, n_steps, c.m_splits, BLOCK_M=c.block_m,
+            BLOCK_R=c.block_r, BLOCK_N=c.block_n, WIDTH_UNIT=tables.width_unit, DOT_MODE=dot_mode(rows.dtype),
+            **options)
     else:
-        _expand_tokens[(batch.num_tokens, tables.num_tiles)](
-            *common, batch.token_adapters, kv_dim, P=len(projection.modules), BLOCK_R=c.block_r, BLOCK_N=c.block_n,
-            SPLIT_K=shrunk.split_k, num_warps=c.num_warps)
+        _expand_tokens[(batch.num_tokens, programs)](
+            *common, batch.token_adapters, kv_dim, n_splits, n_steps, BLOCK_R=c.block_r, BLOCK_N=c.block_n,
+            WIDTH_UNIT=tables.width_unit, **options)
 
 
 class TritonLoRA:
     """`LoRADelta` for one step on the Triton kernels: same semantics as `TorchLoRA`.
 
-    `form` is "segment", "token" or "auto" (the segment form, which measured faster on an H100 even
-    for decode batches of one token per adapter: see bench/results).
+    `form` is "segment" (the default: it measured faster on an H100 even for decode batches of one
+    token per adapter, see bench/results) or "token". Launch configurations are chosen once per
+    projection and largest rank, not once per layer.
     """
 
-    def __init__(self, layers: list[torch.Tensor], batch: LoRABatch, form: str = "auto",
+    def __init__(self, layers: list[torch.Tensor], batch: LoRABatch, form: str = "segment",
                  config: LoRAKernelConfig | None = None):
-        if form not in ("auto", "segment", "token"):
-            raise ValueError(f"LoRA kernel form must be 'auto', 'segment' or 'token', got {form!r}")
+        if form not in FORMS:
+            raise ValueError(f"LoRA kernel form must be one of {', '.join(FORMS)}, got {form!r}")
         self.layers = layers
         self.batch = batch
-        self.form = "segment" if form == "auto" else form
+        self.form = form
         self.config = config
+        self._configs: dict[tuple[Projection, int, int], tuple[LoRAKernelConfig, LoRAKernelConfig]] = {}
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> None:
         if x.stride(-1) != 1 or y.stride(-1) != 1:
             raise ValueError(f"{'/'.join(projection.modules)}: LoRA kernels need rows of x and y contiguous, "
                              f"got strides {x.stride()} and {y.stride()}")
+        max_rank = projection_max_rank(self.batch, layer, projection)
+        if max_rank == 0:
+            return
         kv_layer = self.layers[layer]
         rows = kv_layer.view(-1, kv_layer.shape[-2] * kv_layer.shape[-1])
-        shrunk = shrink(x, rows, self.batch, layer, projection, self.form, self.config)
-        if shrunk is not None:
-            expand(y, shrunk, rows, self.batch, layer, projection, self.form, self.config)
+        key = (projection, x.shape[1], max_rank)
+        if key not in self._configs:
+            choose = lambda op, features: choose_config(  # noqa: E731
+                op, self.form, self.batch, features, max_rank, rows.shape[1], rows.device, self.config,
+                len(projection.modules))
+            self._configs[key] = (choose("shrink", x.shape[1]), choose("expand", max(projection.widths)))
+        shrink_config, expand_config = self._configs[key]
+        shrunk = _shrink(x, rows, self.batch, layer, projection, self.form, shrink_config, max_rank)
+        _expand(y, shrunk, rows, self.batch, layer, projection, self.form, expand_config)
 
 
-__all__ = ["LoRAKernelConfig", "Shrunk", "TritonLoRA", "choose_config", "expand", "shrink"]
+FORMS = ("segment", "token")
+
+
+def compile_variants(form: str) -> list[tuple[str, LoRAKernelConfig]]:
+    """Every (op, block sizes) a GPU launch of `form` can compile: `GPU_DEFAULTS` with each BLOCK_M."""
+    blocks_m = BLOCK_M_CHOICES if form == "segment" else (None,)
+    return [(op, replace(GPU_DEFAULTS[(op, form)], block_m=block_m)) for op in ("shrink", "expand")
+            for block_m in blocks_m]
+
+
+def precompile(kv_layer: torch.Tensor, projections: list[tuple[Projection, int]], form: str = "segment") -> int:
+    """Compile every kernel variant that serving steps of `form` can launch on this device, now, so
+    that no step waits for a compile (a second or more each). `projections` are the model's
+    (projection, input features). Launches over one adapter column of rank 0 (every program exits
+    at once) with the model's shapes and dtypes, so the compiled variants are the ones steps use.
+    Returns the number of launches made."""
+    device, dtype = kv_layer.device, kv_layer.dtype
+    rows = kv_layer.view(-1, kv_layer.shape[-2] * kv_layer.shape[-1])
+    launches = 0
+    for block_m in (BLOCK_M_CHOICES if form == "segment" else (BLOCK_M_CHOICES[0],)):
+        batch = _empty_batch(block_m + 1 if block_m > BLOCK_M_CHOICES[0] else 1, device)
+        for projection, in_features in projections:
+            max_rank = projection_max_rank(batch, 0, projection)
+            x = torch.zeros(batch.num_tokens, in_features, dtype=dtype, device=device)
+            y = torch.zeros(batch.num_tokens, sum(projection.widths), dtype=dtype, device=device)
+            choose = lambda op, features: choose_config(  # noqa: E731
+                op, form, batch, features, max_rank, rows.shape[1], device, num_modules=len(projection.modules))
+            shrunk = _shrink(x, rows, batch, 0, projection, form, choose("shrink", in_features), max_rank)
+            _expand(y, shrunk, rows, batch, 0, projection, form, choose("expand", max(projection.widths)))
+            launches += 2
+    return launches
+
+
+def _empty_batch(num_tokens: int, device: torch.device) -> LoRABatch:
+    """One segment of `num_tokens` tokens whose adapter has rank 0 everywhere (but is launched for)."""
+    zeros = lambda *shape, dtype=torch.int32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    modules = len(MODULE_INDEX)
+    return LoRABatch(adapters=[], row_table=zeros(1), a_offsets=zeros(modules, 1), b_offsets=zeros(modules, 1),
+                     ranks=zeros(1, modules, 1), scalings=zeros(1, modules, 1, dtype=torch.float32),
+                     token_indices=torch.arange(num_tokens, dtype=torch.int32, device=device),
+                     token_adapters=zeros(num_tokens), segment_starts=torch.tensor([0, num_tokens], dtype=torch.int32,
+                                                                                    device=device),
+                     max_ranks=[[1] * modules], max_segment_len=num_tokens)
+
+
+__all__ = ["FORMS", "GPU_DEFAULTS", "LoRAKernelConfig", "Shrunk", "TritonLoRA", "choose_config", "compile_variants",
+           "expand", "precompile", "shrink"]

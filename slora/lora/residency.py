@@ -9,20 +9,70 @@ recently used idle adapter goes first.
 Adapters of requests still waiting can be loaded ahead (`prefetch`), while the GPU computes a step:
 on CUDA every load is issued on a copy stream of its own and the compute stream waits for it only
 when a request that uses the adapter is admitted (`acquire`).
+
+What a step's LoRA tables need of a resident adapter never changes while it is resident, so it is
+built once (`ResidentAdapter.tables`, at load) rather than in every step; a reloaded adapter is a new
+`ResidentAdapter`, so nothing cached outlives the residency it describes.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from slora.lora.layout import RowLayout
 from slora.lora.registry import AdapterRegistry
 from slora.lora.store import HostStore
 from slora.memory.pool import UnifiedPool
+
+
+# Every LoRA-targetable linear of a decoder layer: the module axis of `AdapterTables` and of the
+# kernels' per-step tables (`kernels/lora.py::LoRABatch`).
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULE_INDEX = {name: m for m, name in enumerate(MODULES)}
+
+
+@dataclass(frozen=True)
+class AdapterTables:
+    """One resident adapter's column of a step's LoRA tables (`kernels/lora.py::LoRABatch`), on the host.
+
+    `column` holds every entry of that column in one int32 array, over `MODULES`: whether each module
+    is targeted, its A and B^T offsets in the adapter's row table, then its [num_layers, num_modules]
+    ranks and scalings (float32 bits); a step joins its adapters' columns with one numpy call
+    (`side_by_side`) instead of one per table and adapter.
+    """
+
+    num_layers: int
+    row_table: np.ndarray  # [num_rows] int32: canonical row -> pool row
+    column: np.ndarray  # [(3 + 2 * num_layers) * num_modules] int32, as above
+
+    @classmethod
+    def of(cls, adapter: ResidentAdapter, num_layers: int) -> "AdapterTables":
+        offsets = np.zeros((3, len(MODULES)), dtype=np.int32)  # targeted (0/1), A's offset, B^T's offset
+        for module, rows in adapter.layout.modules.items():
+            offsets[:, MODULE_INDEX[module]] = (1, rows.a_start, rows.b_start)
+        ranks = np.zeros((num_layers, len(MODULES)), dtype=np.int32)
+        scalings = np.zeros((num_layers, len(MODULES)), dtype=np.float32)
+        for (layer, module), rank in adapter.layer_ranks.items():
+            ranks[layer, MODULE_INDEX[module]] = rank
+            scalings[layer, MODULE_INDEX[module]] = adapter.layer_scalings[(layer, module)]
+        row_table = adapter.host_row_table if adapter.host_row_table is not None else adapter.row_table.cpu().numpy()
+        column = np.concatenate((offsets.ravel(), ranks.ravel(), scalings.view(np.int32).ravel()))
+        return cls(num_layers, np.asarray(row_table, dtype=np.int32), column)
+
+    @staticmethod
+    def side_by_side(tables: list["AdapterTables"], num_layers: int) -> dict[str, np.ndarray]:
+        """Columns j = 0.. of `tables[j]`: "targeted", "a_offsets", "b_offsets" `[num_modules, n]` and
+        "ranks", "scalings" `[num_layers, num_modules, n]` (strided views of one array)."""
+        m, lm = len(MODULES), num_layers * len(MODULES)
+        block = np.concatenate([t.column for t in tables]).reshape(len(tables), -1).T  # [entry, adapter]
+        return {"targeted": block[:m], "a_offsets": block[m : 2 * m], "b_offsets": block[2 * m : 3 * m],
+                "ranks": block[3 * m : 3 * m + lm].reshape(num_layers, m, -1),
+                "scalings": block[3 * m + lm :].reshape(num_layers, m, -1).view(np.float32)}
 
 
 @dataclass
@@ -35,6 +85,14 @@ class ResidentAdapter:
     layer_scalings: dict[tuple[int, str], float]
     references: int = 0
     copied: torch.cuda.Event | None = None  # recorded on the copy stream after its rows were written
+    host_row_table: np.ndarray | None = None  # row_table on the host (None: read back from the device once)
+    _tables: AdapterTables | None = field(default=None, init=False, repr=False, compare=False)
+
+    def tables(self, num_layers: int) -> AdapterTables:
+        """Its column of every step's LoRA tables: built on first use, then kept while it is resident."""
+        if self._tables is None or self._tables.num_layers != num_layers:
+            self._tables = AdapterTables.of(self, num_layers)
+        return self._tables
 
 
 @dataclass
@@ -121,15 +179,18 @@ class AdapterResidency:
         host = self.store.get(spec)
         slot_ids = self.pool.allocate(host.layout.num_slots, "adapter")
         device = self.pool.layers[0].device
-        slots = torch.tensor(slot_ids, dtype=torch.int64)
+        slots = np.asarray(slot_ids, dtype=np.int64)
+        host_row_table = np.stack((2 * slots, 2 * slots + 1), axis=1).ravel()[: host.layout.num_rows]
         # The slots are free, so no kernel in flight reads them; the engine synchronises every step,
         # so nothing the copy stream allocates is freed while the compute stream may still read it.
         stream = self._copy_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            row_table = torch.stack((2 * slots, 2 * slots + 1), dim=1).flatten()[: host.layout.num_rows].to(device)
+            row_table = torch.from_numpy(host_row_table).to(device)
             for layer in range(len(self.pool.layers)):
                 self.pool.rows(layer)[row_table] = host.rows[layer].to(device, non_blocking=True)
-        adapter = ResidentAdapter(name, host.layout, slot_ids, row_table, spec.layer_ranks, spec.layer_scalings)
+        adapter = ResidentAdapter(name, host.layout, slot_ids, row_table, spec.layer_ranks, spec.layer_scalings,
+                                  host_row_table=host_row_table)
+        adapter.tables(len(self.pool.layers))  # now (a prefetch overlaps the GPU), not in its first step
         if stream is not None:
             adapter.copied = torch.cuda.Event()
             adapter.copied.record(stream)

@@ -27,6 +27,13 @@ def layer_projections(config: ModelConfig) -> dict[str, Projection]:
             "down": Projection(("down_proj",), (h,))}
 
 
+def projection_inputs(config: ModelConfig) -> list[tuple[Projection, int]]:
+    """Each projection of a decoder layer with its input features (what its LoRA kernels are compiled for)."""
+    inputs = {"qkv": config.hidden_size, "o": config.q_dim, "gate_up": config.hidden_size,
+              "down": config.intermediate_size}
+    return [(projection, inputs[name]) for name, projection in layer_projections(config).items()]
+
+
 def _fused_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) for linears of one input, so that they run as one GEMM.
 

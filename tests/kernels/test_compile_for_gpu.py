@@ -19,4 +19,5 @@ def test_every_kernel_compiles_for_sm90():
     result = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90"], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert result.stdout.count("\nok ") + result.stdout.startswith("ok ") >= 40
+    # LoRA: 4 segment-form and 2 token-form variants; fused ops 3, attention 3; in fp16 and bf16; one merge.
+    assert result.stdout.count("\nok ") + result.stdout.startswith("ok ") == 2 * (6 + 3 + 3) + 1

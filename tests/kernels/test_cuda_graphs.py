@@ -117,4 +117,26 @@ def test_graph_path_keeps_the_chosen_lora_form(model_and_adapters, device):
     llm = LLM(model=str(folder), device=str(device), dtype="float32", backend="triton", adapters=adapters,
               num_slots=512, max_num_seqs=4, max_lora_rank=16, cuda_graphs=True, lora_kernel="token")
     assert [o.token_ids for o in llm.generate(PROMPTS[:3], params, NAMES[:3])] == expected
-    assert {key[1] for key in llm.engine.graphs._graphs} == {"token"}
+    # (On CUDA the engine also recorded each bucket without LoRA at start-up.)
+    assert {form for _, form in llm.engine.graphs._graphs if form is not None} == {"token"}
+
+
+def test_graphs_recorded_ahead_serve_every_step(model_and_adapters, device):
+    """`record_all` records every bucket with and without LoRA over static tables that hold no adapter yet
+    (rank 0 everywhere); the decode steps that follow, with adapters and without, record nothing more and
+    give the reference's tokens. On CUDA the engine has called it at start-up; on the CPU it has not."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 3, 6, 2, 4, 3)]
+    base = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)] * 2
+    reference = _llm(model_and_adapters, device, "torch", False)
+    expected = [o.token_ids for o in reference.generate(PROMPTS, params, NAMES)]
+    expected_base = [o.token_ids for o in reference.generate(PROMPTS[:2], base)]
+    llm = _llm(model_and_adapters, device, "triton", True)
+    graphs = llm.engine.graphs
+    every = {(bucket, form) for bucket in (1, 2, 4, 8) for form in (None, "segment")}
+    assert set(graphs._graphs) == (every if graphs.capture else set())
+    graphs.record_all(["segment"])
+    assert set(graphs._graphs) == every
+    assert [o.token_ids for o in llm.generate(PROMPTS, params, NAMES)] == expected
+    assert [o.token_ids for o in llm.generate(PROMPTS[:2], base)] == expected_base
+    assert set(graphs._graphs) == every and graphs.replays > 0
+    assert llm.engine.step_stats()["graphs_captured"] == (len(every) if graphs.capture else 0)

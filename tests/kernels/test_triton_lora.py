@@ -82,8 +82,8 @@ def test_lora_equals_reference_half(dtype, form, device):
 
 @pytest.mark.parametrize("batch_name, form", [("long_segment", "segment"), ("mixed", "token")])
 def test_lora_small_blocks_and_splits(batch_name, form, device):
-    """Several rank tiles, several K steps per chunk, split-K partials, several token splits."""
-    config = LoRAKernelConfig(block_m=16, block_r=16, block_k=16, block_n=16, split_k=3, m_splits=3)
+    """Several rank tiles, several K and N steps per chunk, split-K partials, output and token splits."""
+    config = LoRAKernelConfig(block_m=16, block_r=16, block_k=16, block_n=16, split_k=3, n_splits=2, m_splits=3)
     _run(batch_name, form, torch.float32, device, seed=3, config=config)
 
 
