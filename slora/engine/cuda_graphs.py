@@ -162,7 +162,10 @@ class DecodeGraphs:
             for lora_form in (None, *lora_forms):
                 if not self.enabled:
                     return
-                self._graph(bucket, lora_form)
+                try:
+                    self._graph(bucket, lora_form)
+                except torch.OutOfMemoryError:  # this one is recorded on its first step instead
+                    logger.warning("no device memory to capture the decode graph of batch %d at start-up", bucket)
 
     def _graph(self, bucket: int, lora_form: str | None) -> Recorded:
         """(graph, static batch, its logits) of a bucket and LoRA form, recorded on first use."""
@@ -198,6 +201,8 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self._mempool):
                 logits = self.model(static_batch)
             return graph, static_batch, logits
+        except torch.OutOfMemoryError:  # passing: the step backs off (engine) and a later one records it
+            raise
         except Exception:
             logger.warning("capturing the decode graph of batch %d failed; decode steps run without CUDA graphs",
                            bucket, exc_info=True)

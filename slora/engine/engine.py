@@ -189,11 +189,13 @@ class LLMEngine:
         }
 
     def step_stats(self) -> dict[str, int]:
-        """Forward passes so far, how many were decode steps replayed as CUDA graphs, and graphs captured."""
+        """Forward passes so far, how many were decode steps replayed as CUDA graphs, graphs captured, and
+        forward passes undone for lack of device memory (`Scheduler.back_off`)."""
         graphs = self.graphs
         replayed = graphs.replays if graphs is not None and graphs.capture else 0
         return {"steps": self.num_steps, "graph_steps": replayed,
-                "graphs_captured": graphs.captured if graphs is not None else 0}
+                "graphs_captured": graphs.captured if graphs is not None else 0,
+                "out_of_memory_back_offs": self.scheduler.num_back_offs}
 
     def abort(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
@@ -229,19 +231,43 @@ class LLMEngine:
         return outputs
 
     def _run_batch(self, scheduled: ScheduledBatch, touched: set[str]) -> None:
-        if scheduled.requests:
+        if not scheduled.requests:
+            return
+        logits = None
+        try:
             batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.model_config.head_dim,
                                                   self.device, self.residency, self.config.backend,
                                                   self.config.lora_kernel)
             bucket = self.graphs.bucket(batch) if self.graphs is not None else None
             logits = self.model(batch) if bucket is None else self.graphs.run(batch, bucket)
-            self.num_steps += 1
-            self._prefetch_adapters()  # while the GPU computes the step just launched
-            for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):
-                request.num_computed_tokens += num_new
-                touched.add(request.group_id)
-            sampled = [scheduled.requests[i] for i in sampling]
-            self._append_tokens(sampled, logits)
+        except torch.OutOfMemoryError:
+            if sum(scheduled.num_new_tokens) == 1:  # nothing smaller to try: the request fails (in `step`)
+                raise
+        if logits is None:  # out of device memory; handled outside `except`, whose traceback holds the pass's tensors
+            self._back_off(scheduled, touched)
+            return
+        self.num_steps += 1
+        self.scheduler.step_succeeded()
+        self._prefetch_adapters()  # while the GPU computes the step just launched
+        for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):
+            request.num_computed_tokens += num_new
+            touched.add(request.group_id)
+        sampled = [scheduled.requests[i] for i in sampling]
+        self._append_tokens(sampled, logits)
+
+    def _back_off(self, scheduled: ScheduledBatch, touched: set[str]) -> None:
+        """The forward pass ran out of device memory, so nothing of the step was computed: undo it and
+        retry smaller (`Scheduler.back_off`: half of the running requests wait and are recomputed, the
+        step limits halve and grow back). No request fails and no token changes."""
+        if self.device.type == "cuda":  # kernels of the failed pass may still write into the slots freed next
+            torch.cuda.synchronize(self.device)
+        preempted = self.scheduler.back_off(scheduled)
+        touched.update(r.group_id for r in preempted)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.warning("the forward pass of %d sequences ran out of device memory; %d were preempted, the step "
+                       "limits are now %d sequences and %d tokens", len(scheduled), len(preempted),
+                       self.scheduler.max_num_seqs, self.scheduler.max_num_batched_tokens)
 
     def _prefetch_adapters(self) -> None:
         """Load the adapters of the next waiting requests ahead; one that cannot be read is left for its

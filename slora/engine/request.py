@@ -43,6 +43,10 @@ class SlotIds:
         self._array[self._length : end] = slot_ids
         self._length = end
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` slots (the caller frees the rest)."""
+        self._length = min(self._length, length)
+
     def view(self, start: int = 0, end: int | None = None) -> np.ndarray:
         """Slots `[start, end)` (to the last by default), without a copy."""
         return self._array[start : self._length if end is None else end]

@@ -12,6 +12,13 @@ adapter's slots. Idle adapters (no running request) are evicted, least recently 
 before any request is preempted; a running request's adapter is never evicted. Admission is in
 arrival order, so no adapter's requests can starve behind others. A request whose adapter cannot
 be loaded (its weights are checked when first read) fails alone, in `ScheduledBatch.failed`.
+
+A forward pass that runs out of device memory is undone rather than failed (`back_off`): the step's
+slot grants are freed, the newest half of the running requests are preempted (recomputed later, so
+no token changes), and the step limits (sequences, tokens) are halved. They grow back by 1/64 of
+their configured values per step that succeeds, up to a ceiling of 3/4 of what failed, so that a
+steady load does not run out of memory again and again; the ceiling rises back by 1/1024 of the
+configured values per step.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_back_offs = 0
+        self.max_num_seqs = config.max_num_seqs  # the step limits now: lowered by `back_off`, then regrown
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self._ceiling = (config.max_num_seqs, config.max_num_batched_tokens)  # what regrowth stops at
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -58,7 +69,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.config.max_num_batched_tokens
+        budget = self.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -75,7 +86,7 @@ class Scheduler:
             self._grant(batch, request, num_tokens)
             budget -= num_tokens
             index += 1
-        while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             adapter_slots = self.residency.slots_needed(request.adapter) if request.adapter else 0
@@ -94,6 +105,35 @@ class Scheduler:
             self._grant(batch, request, num_tokens)
             budget -= num_tokens
         return batch
+
+    def back_off(self, batch: ScheduledBatch) -> list[Request]:
+        """Undo a batch whose forward pass ran out of device memory (nothing of it was computed):
+        free its slot grants, preempt the newest half of the running requests and halve the step
+        limits. Returns the preempted requests."""
+        for request, num_tokens in zip(batch.requests, batch.num_new_tokens):
+            if request.status is RequestStatus.RUNNING:
+                kept = len(request.slot_ids) - num_tokens
+                self.pool.free(request.slot_ids.view(kept).tolist(), "kv")
+                request.slot_ids.truncate(kept)
+        self.num_back_offs += 1
+        seqs, tokens = len(self.running), sum(batch.num_new_tokens)
+        self._ceiling = (max(1, 3 * seqs // 4), max(1, 3 * tokens // 4))
+        self.max_num_seqs, self.max_num_batched_tokens = max(1, seqs // 2), max(1, tokens // 2)
+        preempted = []
+        while len(self.running) > self.max_num_seqs:
+            preempted.append(self._preempt(self.running.pop()))
+        return preempted
+
+    def step_succeeded(self) -> None:
+        """Regrow limits lowered by `back_off` (1/64 of their configured values a step) up to the ceiling,
+        and the ceiling back to the configured values (1/1024 a step)."""
+        configured = (self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        if self._ceiling == configured and (self.max_num_seqs, self.max_num_batched_tokens) == configured:
+            return
+        self._ceiling = tuple(min(c, ceiling + max(1, c // 1024)) for c, ceiling in zip(configured, self._ceiling))
+        self.max_num_seqs, self.max_num_batched_tokens = (
+            min(ceiling, now + max(1, c // 64)) for c, ceiling, now in
+            zip(configured, self._ceiling, (self.max_num_seqs, self.max_num_batched_tokens)))
 
     def adapters_to_prefetch(self, limit: int) -> list[str]:
         """Adapters of the next waiting requests (at most `max_num_seqs` of them: what the next batches

@@ -6,16 +6,19 @@ is the linears of one input that the model runs as one GEMM (q/k/v, gate/up, or 
 shrink launch reads x once for all of its modules' A, one expand launch writes all of their columns
 of the GEMM's output. Two forms:
 
-- segment form (S-LoRA's MBGMM): program (adapter j, token split, module x tile) walks its
+- segment form (S-LoRA's MBGMM): program (adapter j, token split, module x split) walks its
   adapter's tokens (`LoRABatch` groups them by adapter) in blocks of BLOCK_M, multiplying each block
-  with a tile of the adapter's A or B^T by `tl.dot`; an adapter's weights are read once per token block.
-- token form (MBGMV): program (token, module x tile) gathers its own adapter's rows and reduces
+  with tiles of the adapter's A or B^T by `tl.dot`; an adapter's weights are read once per token block.
+- token form (MBGMV): program (token, module x split) gathers its own adapter's rows and reduces
   without `tl.dot`.
 
 Ranks differ per adapter and nothing is padded to the batch's largest rank: shrink's rank tiles past
 an adapter's rank exit at once and expand's rank loop stops at the adapter's rank. Shrink splits the
-input features over SPLIT_K programs that write separate float32 partials `v[p, split, i, :r]` (no
-atomics, no zeroing launch); expand sums the splits as it reads `v` and adds into `y` in its own dtype.
+input features over `split_k` programs that write separate float32 partials `v[p, split, i, :r]` (no
+atomics, no zeroing launch); expand splits each module's output features over `n_splits` programs,
+each looping over its BLOCK_N tiles, sums the splits as it reads `v` and adds into `y` in its own dtype.
+
+On a GPU no serving step compiles a kernel: see `_BATCH_INTS` and `GPU_DEFAULTS`.
 
 Pool rows are `kv_dim` wide and a canonical row of A (or B^T) spans `chunks` pool rows, each
 anywhere in the pool. Feature tiles never straddle a chunk (BLOCK_K and BLOCK_N divide kv_dim), so
@@ -408,6 +411,8 @@ def _shrink(x: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, p
 def expand(y: torch.Tensor, shrunk: Shrunk, rows: torch.Tensor, batch: LoRABatch, layer: int,
            projection: Projection, form: str = "segment", config: LoRAKernelConfig | None = None) -> None:
     """`y[token i, module columns] += s * v[i, :r] @ B^T` in place, for every module and LoRA token i."""
+    if shrunk.v.shape[-1] % 16 or shrunk.v.stride(1) != shrunk.v.shape[-1]:
+        raise ValueError(f"v must be shrink's output, rows padded to 16 floats; got shape {tuple(shrunk.v.shape)}")
     c = choose_config("expand", form, batch, max(projection.widths), projection_max_rank(batch, layer, projection),
                       rows.shape[1], rows.device, config, len(projection.modules))
     _expand(y, shrunk, rows, batch, layer, projection, form, c)

@@ -51,6 +51,10 @@ class _EngineCollector(Collector):
         yield steps
         yield _gauge("slora_cuda_graphs_captured", "decode graphs captured (per batch bucket, with or without LoRA)",
                      s.steps.get("graphs_captured", 0))
+        back_offs = CounterMetricFamily("slora_out_of_memory_back_offs",
+                                        "forward passes out of device memory, undone and retried with fewer sequences")
+        back_offs.add_metric([], s.steps.get("out_of_memory_back_offs", 0))
+        yield back_offs
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

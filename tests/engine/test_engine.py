@@ -53,6 +53,36 @@ def test_a_full_pool_preempts_and_recomputes_without_changing_tokens(tiny_llama_
     assert small.engine.pool.stats().used_slots == 0
 
 
+def test_a_forward_pass_out_of_device_memory_is_retried_smaller_without_changing_tokens(tiny_llama_folder,
+                                                                                       monkeypatch):
+    """A "device" that holds at most 12 tokens a pass: every larger pass raises OutOfMemoryError. The
+    engine undoes it, preempts half of the batch, halves its step limits and goes on; no request fails
+    and every one gives the tokens it gives alone."""
+    import torch
+
+    prompts = _prompts(6, 5, 30, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm = LLM(model=str(tiny_llama_folder[1]))
+    expected = _alone(llm, prompts, params)
+    engine = llm.engine
+    real_model = engine.model
+    largest = []
+
+    def model(batch):
+        if batch.input_ids.numel() > 12:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        largest.append(batch.input_ids.numel())
+        return real_model(batch)
+
+    monkeypatch.setattr(engine, "model", model)
+    outputs = llm.generate(prompts, params)
+    assert [o.error for o in outputs] == [None] * len(prompts)
+    assert [o.token_ids for o in outputs] == expected
+    back_offs = engine.step_stats()["out_of_memory_back_offs"]
+    assert back_offs > 0 and engine.scheduler.num_back_offs == back_offs and max(largest) == 12
+    assert engine.pool.stats().used_slots == engine.pool.stats().adapter_slots == 0
+
+
 def test_seeded_sampling_is_reproducible_and_n_gives_distinct_samples(llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=12, n=3, ignore_eos=True)
     first = llm.generate([[5, 6, 7]], params)[0]
