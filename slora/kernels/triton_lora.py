@@ -263,6 +263,7 @@ GPU_DEFAULTS = {
     ("expand", "segment"): LoRAKernelConfig(block_r=32, block_n=128, num_warps=4),
     ("expand", "token"): LoRAKernelConfig(block_r=64, block_n=128, num_warps=4),
 }
+FORMS = ("segment", "token")  # see the module docstring
 BLOCK_M_CHOICES = (16, 64)  # segment form: segments of at most 16 tokens (decode), longer ones
 PROGRAMS_PER_SM = 4  # splits are chosen so that a launch has at least this many programs per SM
 # ... and never fewer than these on a GPU: in the sweep 2 K splits and 8 output splits were best in
@@ -441,6 +442,17 @@ def _expand(y: torch.Tensor, shrunk: Shrunk, rows: torch.Tensor, batch: LoRABatc
             WIDTH_UNIT=tables.width_unit, **options)
 
 
+def launch_configs(form: str, batch: LoRABatch, projection: Projection, in_features: int, max_rank: int,
+                   rows: torch.Tensor,
+                   given: LoRAKernelConfig | None = None) -> tuple[LoRAKernelConfig, LoRAKernelConfig]:
+    """(shrink, expand) configurations of one projection's launches over `rows` (a pool layer's rows)."""
+    def choose(op: str, features: int) -> LoRAKernelConfig:
+        return choose_config(op, form, batch, features, max_rank, rows.shape[1], rows.device, given,
+                             len(projection.modules))
+
+    return choose("shrink", in_features), choose("expand", max(projection.widths))
+
+
 class TritonLoRA:
     """`LoRADelta` for one step on the Triton kernels: same semantics as `TorchLoRA`.
 
@@ -470,16 +482,12 @@ class TritonLoRA:
         rows = kv_layer.view(-1, kv_layer.shape[-2] * kv_layer.shape[-1])
         key = (projection, x.shape[1], max_rank)
         if key not in self._configs:
-            choose = lambda op, features: choose_config(  # noqa: E731
-                op, self.form, self.batch, features, max_rank, rows.shape[1], rows.device, self.config,
-                len(projection.modules))
-            self._configs[key] = (choose("shrink", x.shape[1]), choose("expand", max(projection.widths)))
+            self._configs[key] = launch_configs(self.form, self.batch, projection, x.shape[1], max_rank, rows,
+                                                self.config)
         shrink_config, expand_config = self._configs[key]
         shrunk = _shrink(x, rows, self.batch, layer, projection, self.form, shrink_config, max_rank)
         _expand(y, shrunk, rows, self.batch, layer, projection, self.form, expand_config)
 
-
-FORMS = ("segment", "token")
 
 
 def compile_variants(form: str) -> list[tuple[str, LoRAKernelConfig]]:
@@ -504,10 +512,9 @@ def precompile(kv_layer: torch.Tensor, projections: list[tuple[Projection, int]]
             max_rank = projection_max_rank(batch, 0, projection)
             x = torch.zeros(batch.num_tokens, in_features, dtype=dtype, device=device)
             y = torch.zeros(batch.num_tokens, sum(projection.widths), dtype=dtype, device=device)
-            choose = lambda op, features: choose_config(  # noqa: E731
-                op, form, batch, features, max_rank, rows.shape[1], device, num_modules=len(projection.modules))
-            shrunk = _shrink(x, rows, batch, 0, projection, form, choose("shrink", in_features), max_rank)
-            _expand(y, shrunk, rows, batch, 0, projection, form, choose("expand", max(projection.widths)))
+            shrink_config, expand_config = launch_configs(form, batch, projection, in_features, max_rank, rows)
+            shrunk = _shrink(x, rows, batch, 0, projection, form, shrink_config, max_rank)
+            _expand(y, shrunk, rows, batch, 0, projection, form, expand_config)
             launches += 2
     return launches
 
