@@ -94,13 +94,12 @@ def _lora_op(adapter_tokens: dict[str, list[int]], kv_cache: list[torch.Tensor],
     if not adapter_tokens:
         return None
     adapters = [residency.get(name) for name in adapter_tokens]
-    if lora_kernel in ABLATION_KERNELS:
+    if lora_kernel in ABLATION_KERNELS or backend == "triton":  # both read the step's flat tables
         lora_batch = LoRABatch.from_lists(adapters, list(adapter_tokens.values()), len(kv_cache), device)
-        return PaddedBmmLoRA(kv_cache, lora_batch, "token" if lora_kernel == "bmm" else "adapter")
-    if backend == "triton":
+        if lora_kernel in ABLATION_KERNELS:
+            return PaddedBmmLoRA(kv_cache, lora_batch, "token" if lora_kernel == "bmm" else "adapter")
         from slora.kernels.triton_lora import TritonLoRA  # Triton only where it is asked for
 
-        lora_batch = LoRABatch.from_lists(adapters, list(adapter_tokens.values()), len(kv_cache), device)
         return TritonLoRA(kv_cache, lora_batch, form=triton_lora_form(lora_kernel))
     groups = [AdapterTokens(adapter, torch.tensor(tokens, dtype=torch.int64, device=device))
               for adapter, tokens in zip(adapters, adapter_tokens.values())]

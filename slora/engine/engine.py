@@ -79,6 +79,10 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
         self.num_steps = 0  # steps that ran a forward pass
+        # The Triton LoRA kernels' form, or None where steps do not run them (torch backend, ablations).
+        uses_triton = resolve_backend(config.backend, self.device) == "triton"
+        self.triton_lora_form = triton_lora_form(config.lora_kernel) \
+            if uses_triton and config.lora_kernel not in ABLATION_KERNELS else None
         self._precompile_lora_kernels()
         self.graphs = self._decode_graphs()
         torch.manual_seed(config.seed)
@@ -86,21 +90,18 @@ class LLMEngine:
     def _precompile_lora_kernels(self) -> None:
         """On a GPU, compile every LoRA kernel variant that steps can launch, before serving: a compile
         inside a step stalls every request of the batch for a second or more (`triton_lora.precompile`)."""
-        if self.device.type != "cuda" or resolve_backend(self.config.backend, self.device) != "triton" \
-                or self.config.lora_kernel in ABLATION_KERNELS:
+        if self.device.type != "cuda" or self.triton_lora_form is None:
             return
         from slora.kernels import triton_lora
         from slora.models.llama import projection_inputs
 
-        triton_lora.precompile(self.pool.layers[0], projection_inputs(self.model_config),
-                               triton_lora_form(self.config.lora_kernel))
+        triton_lora.precompile(self.pool.layers[0], projection_inputs(self.model_config), self.triton_lora_form)
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs for decode steps, when the config and the device call for them (see EngineConfig)."""
         wanted = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
-        if not wanted or resolve_backend(self.config.backend, self.device) != "triton" \
-                or self.config.lora_kernel in ABLATION_KERNELS:  # the ablations' shapes follow the batch
-            return None
+        if not wanted or self.triton_lora_form is None:  # graphs run the Triton kernels; the ablations'
+            return None  # shapes follow the batch
         limits = GraphLimits(max_batch=self.config.scheduler.max_num_seqs, max_context=min(self.max_model_len, 16384),
                              max_lora_rank=self.config.lora.max_lora_rank,
                              row_capacity=self.pool.rows(0).shape[0], num_layers=self.model_config.num_layers,
@@ -108,7 +109,7 @@ class LLMEngine:
         graphs = DecodeGraphs(self.model, self.pool.layers, limits, self.pool.scratch_slot,
                               capture=self.device.type == "cuda")
         if graphs.capture and self.config.capture_graphs_at_start:  # with LoRA too: adapters may come at run time
-            graphs.record_all([triton_lora_form(self.config.lora_kernel)])
+            graphs.record_all([self.triton_lora_form])
         return graphs
 
     # --- requests --------------------------------------------------------------------------------

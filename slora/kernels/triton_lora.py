@@ -506,8 +506,8 @@ def precompile(kv_layer: torch.Tensor, projections: list[tuple[Projection, int]]
     device, dtype = kv_layer.device, kv_layer.dtype
     rows = kv_layer.view(-1, kv_layer.shape[-2] * kv_layer.shape[-1])
     launches = 0
-    for block_m in (BLOCK_M_CHOICES if form == "segment" else (BLOCK_M_CHOICES[0],)):
-        batch = _empty_batch(block_m + 1 if block_m > BLOCK_M_CHOICES[0] else 1, device)
+    for block_m in {config.block_m for _, config in compile_variants(form)}:
+        batch = _empty_batch(1 if block_m is None else block_m, device)  # a segment of BLOCK_M tokens
         for projection, in_features in projections:
             max_rank = projection_max_rank(batch, 0, projection)
             x = torch.zeros(batch.num_tokens, in_features, dtype=dtype, device=device)
