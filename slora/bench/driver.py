@@ -200,7 +200,7 @@ def probe_decode(engine, adapters: list[str], batch_size: int, prompt_len: int, 
                 for i in range(batch_size)]
     for r in requests:
         records[r.index] = RequestRecord(r)
-        driver._add(r, r.adapter, prompt_tokens(r, driver.vocab_size, seed), records, in_engine, 0.0, _NoBar())
+        driver._add(r, r.adapter, prompt_tokens(r, driver.vocab_size, seed), records, in_engine, 0.0, NoBar())
     restore = driver._instrument(steps)
     measured: list[StepRecord] = []
     bar = tqdm(total=decode_steps, desc="decode probe", disable=not progress, leave=False)
@@ -209,7 +209,7 @@ def probe_decode(engine, adapters: list[str], batch_size: int, prompt_len: int, 
         for _ in range(decode_steps + 10 * batch_size + 100):
             if not engine.has_unfinished():
                 break
-            driver._step(start, steps, records, in_engine, _NoBar())
+            driver._step(start, steps, records, in_engine, NoBar())
             last = steps[-1] if steps else None
             all_running = not getattr(engine.scheduler, "waiting", ()) and last is not None \
                 and last.num_seqs == len(in_engine)
@@ -228,6 +228,6 @@ def probe_decode(engine, adapters: list[str], batch_size: int, prompt_len: int, 
                       "errors": sorted({r.error for r in records.values() if r.error})[:3]}
 
 
-class _NoBar:
+class NoBar:
     def update(self, n: int = 1) -> None:
         pass

@@ -159,7 +159,7 @@ def test_merged_swap_restores_the_base_weights(tmp_path):
     assert torch.allclose(weight, before, atol=1e-5)
 
 
-def test_decode_profile_script_runs_on_the_cpu(tmp_path):
+def test_step_profile_script_runs_on_the_cpu(tmp_path):
     """`scripts/gpu_profile.py` (what the next GPU run records) stays working: a tiny run on the CPU."""
     import subprocess
     import sys
@@ -167,7 +167,8 @@ def test_decode_profile_script_runs_on_the_cpu(tmp_path):
 
     script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_profile.py"
     result = subprocess.run([sys.executable, str(script), str(tmp_path), "--model", "dummy:tiny", "--batch", "4",
-                             "--adapters", "8", "--prompt-len", "8", "--steps", "4"],
+                             "--adapters", "8", "--prompt-len", "8", "--steps", "4", "--workload-requests", "6",
+                             "--profiled-mixed", "1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "profile.json").read_text())
@@ -175,4 +176,9 @@ def test_decode_profile_script_runs_on_the_cpu(tmp_path):
     for run in report["systems"]:
         assert run["decode_steps_timed"] >= 4 and run["step_wall_ms_median"] > 0
         assert run["top_cpu"] and set(run["host_phases_ms_median"]) >= {"schedule", "build batch tensors"}
-    assert (tmp_path / "profile.md").read_text().startswith("# Decode-step profile")
+    assert [r["system"] for r in report["workload"]] == ["base-only", "slora"]
+    for run in report["workload"]:
+        kinds = run["by_kind"]
+        assert kinds["prefill"]["steps"] >= 1 and kinds["decode"]["steps"] >= 1
+        assert abs(sum(k["share_of_step_time"] for k in kinds.values()) - 1) < 1e-6
+    assert (tmp_path / "profile.md").read_text().startswith("# Step profile")
