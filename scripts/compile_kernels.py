@@ -37,7 +37,7 @@ def _pointers(data: str, **extra: str) -> dict[str, str]:
                                             "modules_ptr", "token_indices_ptr", "segment_starts_ptr",
                                             "token_adapters_ptr", "columns_ptr", "widths_ptr",
                                             "b_chunks_ptr", "slots_ptr", "context_lens_ptr", "query_starts_ptr",
-                                            "query_lens_ptr")})
+                                            "query_lens_ptr", "items_ptr")})
     types.update({name: "*fp32" for name in ("scalings_ptr", "partial_o_ptr", "partial_lse_ptr", "cos_ptr",
                                              "sin_ptr")})
     types.update(extra)

@@ -157,6 +157,10 @@ def run_checks() -> None:
             for splits in (1, 8):
                 attention_check(f"decode {shape_name}: contexts 7, 1000, 4096", shape, [1, 1, 1], [7, 1000, 4096],
                                 dtype, num_splits=splits)
+    for dtype in (torch.float16, torch.bfloat16):  # a mixed step: decoding rows between prompt chunks
+        attention_check("mixed GQA 1 (32/32/128): 200 decode (contexts 2..1500) + chunks 300, 700", (32, 32, 128),
+                        [1] * 100 + [300] + [1] * 100 + [700], [2 + 15 * i for i in range(100)] + [500]
+                        + [1500 - 7 * i for i in range(100)] + [700], dtype)
     attention_check("prefill GQA 4 (32/8/128)", (32, 8, 128), [64, 300], [64, 400], torch.float32)
     attention_check("decode GQA 4 (32/8/128)", (32, 8, 128), [1, 1], [64, 3000], torch.float32, num_splits=4)
 

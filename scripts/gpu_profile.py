@@ -242,7 +242,8 @@ def profile_workload(session: BenchSession, system: str, num_adapters: int, num_
         mixed["top_gpu"] = [{"name": name, "ms_per_step": v[0], "calls_per_step": v[2]}
                             for name, v in sorted(merged.items(), key=lambda kv: -kv[1][0])[:20]]
     return {"system": system, "num_adapters": num_adapters if system != "base-only" else 0,
-            "requests": num_requests, "elapsed_s": elapsed, "by_kind": by_kind, "mixed_profile": mixed}
+            "requests": num_requests, "elapsed_s": elapsed, "preemptions": engine.scheduler.num_preemptions,
+            "by_kind": by_kind, "mixed_profile": mixed}
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -262,7 +263,7 @@ def workload_markdown(report: dict) -> list[str]:
     for r in report["workload"]:
         for kind, k in r["by_kind"].items():
             phases = ", ".join(f"{name} {ms:.1f}" for name, ms in k["host_phases_ms_median"].items())
-            lines.append(f"| {r['system']} ({r['elapsed_s']:.1f} s) | {kind} | {k['steps']} | {k['wall_ms_median']:.1f} | "
+            lines.append(f"| {r['system']} ({r['elapsed_s']:.1f} s, {r['preemptions']} preemptions) | {kind} | {k['steps']} | {k['wall_ms_median']:.1f} | "
                          f"{100 * k['share_of_step_time']:.0f}% | {k['mean_seqs']:.0f} | {phases} |")
     lines.append("")
     for r in report["workload"]:

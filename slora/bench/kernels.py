@@ -76,6 +76,11 @@ class Settings:
     contexts: tuple[int, ...] = (1024, 4096)
     decode_seqs: int = 32
     prefill_seqs: tuple[int, ...] = (1024, 1024, 512, 512)  # attention prefill query lengths
+    # A mixed step as serving makes them: decoding sequences (each its own adapter, contexts of
+    # `mixed_context`) and prompt chunks (each its own adapter, after a prefix of `mixed_context`).
+    mixed_decode: int = 254
+    mixed_prefill: tuple[int, ...] = (400,)
+    mixed_context: int = 512
     copy_bytes: int = 2**31
     matmul_size: int = 8192
     sweep: bool = False  # also time a grid of LoRA block sizes and splits (segment form) and report the best
@@ -83,8 +88,8 @@ class Settings:
     @classmethod
     def tiny(cls) -> "Settings":
         return cls(model_shape="tiny", dtype="float32", decode_tokens=8, decode_adapters=3, ranks=(2, 4, 8),
-                   prefill_segments=(20, 3), contexts=(40,), decode_seqs=2, prefill_seqs=(6, 3),
-                   copy_bytes=2**20, matmul_size=64)
+                   prefill_segments=(20, 3), contexts=(40,), decode_seqs=2, prefill_seqs=(6, 3), mixed_decode=3,
+                   mixed_prefill=(18,), mixed_context=24, copy_bytes=2**20, matmul_size=64)
 
 
 @dataclass
@@ -544,6 +549,18 @@ def run(settings: Settings, device: torch.device, log=print) -> Report:
                           [settings.ranks[j % len(settings.ranks)] for j in range(len(settings.prefill_segments))],
                           config, dtype, device, measure, generator, settings.sweep),
     ]
+    mixed_tokens = list(range(settings.mixed_decode)) + [settings.mixed_decode + j
+                                                         for j, n in enumerate(settings.mixed_prefill) for _ in range(n)]
+    mixed_name = f"{settings.mixed_decode} decode + {'/'.join(map(str, settings.mixed_prefill))} prefill"
+    cases.append(lambda: lora_case(
+        f"lora_mixed[{mixed_name} tokens, {mixed_tokens[-1] + 1} adapters]", mixed_tokens,
+        [settings.ranks[j % len(settings.ranks)] for j in range(mixed_tokens[-1] + 1)], config, dtype, device,
+        measure, generator, False))
+    cases.append(lambda: attention_case(
+        f"attention_mixed[{mixed_name} after {settings.mixed_context}]",
+        [1] * settings.mixed_decode + list(settings.mixed_prefill),
+        [settings.mixed_context] * settings.mixed_decode + [n + settings.mixed_context for n in settings.mixed_prefill],
+        config, dtype, device, measure, generator))
     for context in settings.contexts:
         cases.append(lambda context=context: attention_case(
             f"attention_decode[{settings.decode_seqs} seqs x {context} context]", [1] * settings.decode_seqs,

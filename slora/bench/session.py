@@ -168,6 +168,7 @@ class BenchSession:
         record["metrics"] = summarise(outcome.records, outcome.elapsed, outcome.truncated, self.options.slo_ttft,
                                       mode == "online")
         record["steps"] = summarise_steps(outcome.steps)
+        record["steps"]["preemptions"] = engine.scheduler.num_preemptions  # each one recomputes a sequence
         record["roofline"] = self.roofline.summarise(outcome.steps)
         if uses_adapters:
             record["adapters"] = adapters.describe() | {"store": self.options.adapter_store}
@@ -231,11 +232,13 @@ class BenchSession:
             engine.add_adapter(name, str(folder))
 
     def _warmup_adapters(self, adapters: AdapterSet) -> list[str]:
-        """One adapter of each rank: enough to compile every kernel variant once."""
-        by_rank: dict[int, str] = {}
+        """One adapter of each weight file (so of each rank): enough to run every kernel variant once
+        and, with the shared store, to hold every file packed in host memory before the measured run,
+        as S-LoRA's adapters all are (otherwise a run's first steps read files from disk: 0.7 s on an H100 host)."""
+        by_file: dict[Path, str] = {}
         for name in adapters.names:
-            by_rank.setdefault(adapters.ranks[name], name)
-        return list(by_rank.values())
+            by_file.setdefault(adapters.folders[name], name)
+        return list(by_file.values())
 
     def _free_memory(self) -> None:
         gc.collect()

@@ -80,6 +80,8 @@ class DecodeGraphs:
         self.lora = LoRABatch(adapters=[], **host.views(self._lora_buffer),
                               max_ranks=[[limits.max_lora_rank] * modules for _ in range(layers)], max_segment_len=1,
                               host=host)
+        # The segment kernels' programs along the tokens: one per segment, each looping over its tokens.
+        self.lora_items = torch.stack([torch.arange(n, dtype=int32), torch.zeros(n, dtype=int32)], dim=1).to(device)
         self._lora_copied = torch.cuda.Event() if on_cuda else None  # the last copy out of the pinned tables
         self._graphs: dict[tuple[int, str | None], Recorded] = {}  # by (bucket, LoRA form or None)
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
@@ -112,11 +114,11 @@ class DecodeGraphs:
 
     def _fill(self, batch: ForwardBatch, bucket: int) -> None:
         table = batch.attention.slot_table
-        n, width = table.slots.shape
+        n, width = table.slots.shape[0], table.max_context_len
         self.input_ids[:n].copy_(batch.input_ids)
         self.positions[:n].copy_(batch.positions)
         self.slot_mapping[:n].copy_(batch.attention.slot_mapping)
-        self.slots[:n, :width].copy_(table.slots)
+        self.slots[:n, :width].copy_(table.slots[:, :width])
         self.context_lens[:n].copy_(table.context_lens)
         if bucket > n:  # padding rows: token 0 at position 0, its one slot the scratch slot
             self.input_ids[n:bucket] = 0
@@ -185,7 +187,8 @@ class DecodeGraphs:
         if lora_form is not None:
             s = self.lora
             view = LoRABatch([], s.row_table, s.a_offsets, s.b_offsets, s.ranks, s.scalings, s.token_indices[:bucket],
-                             s.token_adapters[:bucket], s.segment_starts[: bucket + 1], s.max_ranks, 1)
+                             s.token_adapters[:bucket], s.segment_starts[: bucket + 1], s.max_ranks, 1,
+                             items=self.lora_items[:bucket])
             lora = TritonLoRA(self.kv_cache, view, form=lora_form)
         return ForwardBatch(self.input_ids[:bucket], self.positions[:bucket], self.logits_indices[:bucket], attention,
                             self.kv_cache, lora, backend="triton")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -116,6 +116,10 @@ class LoRABatch:
     max_ranks: list[list[int]]  # [num_layers][num_modules], on the host: launch sizes, 0 = skip
     max_segment_len: int
     host: LoRATables | None = None  # the tables on the host (`from_lists`), which the CUDA graphs copy from
+    # The segment kernels' programs along the tokens: fixed ones (a CUDA graph's static batch: one per
+    # segment, each looping over its tokens), else made by `work_items` per block size, once per step.
+    items: torch.Tensor | None = None
+    _items: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -130,6 +134,30 @@ class LoRABatch:
     def table_width(self) -> int:
         """Columns of the offset, rank and scaling tables (>= num_segments in a captured step)."""
         return self.ranks.shape[-1]
+
+    def work_items(self, block_m: int, max_m_splits: int) -> torch.Tensor:
+        """[n, 2] int32 (segment j, i): the segment kernels' programs along the tokens. Segment j gets
+        min(its blocks of `block_m` tokens, `max_m_splits`) programs, and program i takes its blocks i,
+        i + that count, ...: long segments are spread out and no program is left without a block
+        (a grid of every segment times the longest one's blocks left most of a mixed step's idle)."""
+        if self.items is not None:
+            return self.items
+        key = (block_m, max_m_splits)
+        if key not in self._items:
+            if self.host is not None:
+                starts = self.host.arrays["segment_starts"][: self.num_segments + 1]
+            else:
+                starts = self.segment_starts.cpu().numpy()
+            lengths = np.diff(starts)
+            counts = np.minimum(-(-lengths // block_m), max_m_splits)
+            items = np.empty((int(counts.sum()), 2), dtype=np.int32)
+            items[:, 0] = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+            items[:, 1] = np.arange(len(items), dtype=np.int32) - np.repeat(np.cumsum(counts) - counts, counts)
+            on_cuda = self.segment_starts.device.type == "cuda"
+            host = torch.from_numpy(items)
+            self._items[key] = (host.pin_memory() if on_cuda else host).to(self.segment_starts.device,
+                                                                           non_blocking=True)
+        return self._items[key]
 
     @classmethod
     def build(cls, groups: list[AdapterTokens], num_layers: int, device: torch.device | str) -> "LoRABatch":

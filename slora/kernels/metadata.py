@@ -17,34 +17,51 @@ import torch
 class SlotTable:
     """The step's context slots as padded device tensors: what the Triton attention kernels read.
 
-    Built once per step (not per layer): row i holds sequence i's slots, padded with 0 past
+    Built once per step (not per layer): row i holds one sequence's slots, padded with 0 past
     `context_lens[i]`; its queries are flat tokens `[query_starts[i], query_starts[i] + query_lens[i])`.
+    `build` puts the sequences with one query (decoding) in the first `num_decode` rows, so that a
+    mixed step runs the decode kernel on those rows and the prefill kernel only on the rest: a
+    prefill program per decode row would do a query block's work for one query.
     """
 
-    slots: torch.Tensor  # [num_seqs, max_context_len] int32
+    slots: torch.Tensor  # [num_seqs, >= max_context_len] int32
     context_lens: torch.Tensor  # [num_seqs] int32
     query_starts: torch.Tensor  # [num_seqs] int32
     query_lens: torch.Tensor  # [num_seqs] int32
     max_query_len: int
     max_context_len: int
+    num_decode: int = 0  # leading rows with one query each (all rows when max_query_len is 1)
+    decode_max_context_len: int = 0  # the longest context among them
 
     @classmethod
     def build(cls, query_starts: list[int], query_lens: list[int], context_slots: list[np.ndarray | list[int]],
               device: torch.device | str) -> "SlotTable":
-        context_lens = [len(slots) for slots in context_slots]
-        width = max(context_lens, default=0)
-        padded = np.zeros((len(context_slots), width), dtype=np.int32)
-        for row, slots in zip(padded, context_slots):
-            row[: len(slots)] = slots
-        as_int32 = lambda values: torch.as_tensor(np.asarray(values, dtype=np.int32)).to(device)  # noqa: E731
+        lens = np.asarray(query_lens, dtype=np.int32)
+        order = np.argsort(lens != 1, kind="stable")  # one-query rows first
+        context_lens = np.fromiter((len(slots) for slots in context_slots), dtype=np.int32, count=len(context_slots))
+        width = int(context_lens.max(initial=0))
+        # Rows a multiple of 16 slots wide: a view from any row on stays 64-byte aligned (see `rows`).
+        padded = np.zeros((len(context_slots), -(-width // 16) * 16), dtype=np.int32)
+        for row, index in zip(padded, order):
+            row[: context_lens[index]] = context_slots[index]
+        num_decode = int((lens == 1).sum())
+        as_int32 = lambda values: torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32)).to(device)  # noqa: E731
         return cls(
             slots=as_int32(padded),
-            context_lens=as_int32(context_lens),
-            query_starts=as_int32(query_starts),
-            query_lens=as_int32(query_lens),
-            max_query_len=max(query_lens, default=0),
+            context_lens=as_int32(context_lens[order]),
+            query_starts=as_int32(np.asarray(query_starts, dtype=np.int32)[order]),
+            query_lens=as_int32(lens[order]),
+            max_query_len=int(lens.max(initial=0)),
             max_context_len=width,
+            num_decode=num_decode,
+            decode_max_context_len=int(context_lens[order[:num_decode]].max(initial=0)),
         )
+
+    def rows(self, start: int, end: int, max_query_len: int, max_context_len: int) -> "SlotTable":
+        """Rows `[start, end)` as a table of their own (views: nothing is copied)."""
+        return SlotTable(self.slots[start:end], self.context_lens[start:end], self.query_starts[start:end],
+                         self.query_lens[start:end], max_query_len, max_context_len,
+                         end - start if max_query_len == 1 else 0, max_context_len if max_query_len == 1 else 0)
 
 
 @dataclass

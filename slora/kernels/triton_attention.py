@@ -5,8 +5,9 @@ step's `SlotTable` (each sequence's slots, padded into one tensor, built once pe
 
 - prefill: program (sequence, query block, head) runs a flash-attention loop (online softmax) over
   the sequence's keys up to the causal limit of its last query. Queries are the last `query_len`
-  positions of the context, so a prefix already in the pool (chunked prefill) and decode tokens
-  mixed into the batch are served by the same kernel.
+  positions of the context, so a prefix already in the pool (chunked prefill) is served too. In a
+  mixed step the decoding sequences (one query each) go to the decode kernel instead: on an H100, a
+  step of 254 decode and 22 to 700 prefill tokens spent 29 ms in a prefill launch over all of them.
 - decode (every sequence has one new token): program (sequence, KV head, split) computes the
   query heads that share one KV head together (GQA: each K/V row is read once for the group), over
   one stretch of the context; with more than one split (flash-decoding, for long contexts and few
@@ -31,6 +32,10 @@ MAX_DECODE_SPLITS = 64  # flash-decoding splits of one context (the merge reads 
 # Integer arguments that change from step to step: never specialized, so that a new batch never
 # compiles a kernel again (Triton specializes integers on "equals 1" and "divisible by 16").
 _STEP_INTS = ("stride_table", "split_len", "num_splits")
+# A mixed step's prefill launch reads rows past the decoding ones: views whose start moves with the
+# batch. Their per-sequence arrays are read one value at a time, so alignment gains nothing there; the
+# slot table's rows stay aligned (its width is a multiple of 16).
+_ROW_VIEWS = ("context_lens_ptr", "query_starts_ptr", "query_lens_ptr")
 
 
 @triton.jit
@@ -62,7 +67,7 @@ def _attend_block(q, k_base, table, n0, key_end, positions, offs_d, d_mask, stri
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=_STEP_INTS)
+@triton.jit(do_not_specialize=_STEP_INTS, do_not_specialize_on_alignment=_ROW_VIEWS)
 def _prefill(q_ptr, o_ptr, kv_ptr, slots_ptr, context_lens_ptr, query_starts_ptr, query_lens_ptr,
              stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_kv, stride_kvh, stride_table,
              qk_scale, head_dim, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -229,8 +234,12 @@ def attend_pool(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
         return out
     if table.max_query_len == 1:
         decode(q, out, kv_layer, table, meta.scale, num_splits)
-    else:
-        prefill(q, out, kv_layer, table, meta.scale)
+        return out
+    num_seqs, num_decode = table.slots.shape[0], table.num_decode
+    if num_decode:  # a mixed step: its decoding sequences on the decode kernel
+        decode(q, out, kv_layer, table.rows(0, num_decode, 1, table.decode_max_context_len), meta.scale, num_splits)
+        table = table.rows(num_decode, num_seqs, table.max_query_len, table.max_context_len)
+    prefill(q, out, kv_layer, table, meta.scale)
     return out
 
 

@@ -6,9 +6,10 @@ is the linears of one input that the model runs as one GEMM (q/k/v, gate/up, or 
 shrink launch reads x once for all of its modules' A, one expand launch writes all of their columns
 of the GEMM's output. Two forms:
 
-- segment form (S-LoRA's MBGMM): program (adapter j, token split, module x split) walks its
-  adapter's tokens (`LoRABatch` groups them by adapter) in blocks of BLOCK_M, multiplying each block
-  with tiles of the adapter's A or B^T by `tl.dot`; an adapter's weights are read once per token block.
+- segment form (S-LoRA's MBGMM): program (work item, module x split) walks blocks of BLOCK_M tokens
+  of one adapter (`LoRABatch` groups tokens by adapter), multiplying each block with tiles of the
+  adapter's A or B^T by `tl.dot`; an adapter's weights are read once per token block. A work item is
+  (adapter j, i): a long segment gets several, a decode token's segment one (`LoRABatch.work_items`).
 - token form (MBGMV): program (token, module x split) gathers its own adapter's rows and reduces
   without `tl.dot`.
 
@@ -41,13 +42,14 @@ from slora.kernels.metadata import Projection
 triton_interpreter.patch()
 
 MAX_SPLIT_K = 16
+MAX_M_SPLITS = 1024  # segment form on a GPU: programs along one segment's tokens
 
 # Integer arguments that change from batch to batch. Triton compiles a kernel again for every new
 # combination of "equals 1" and "divisible by 16" of its integer arguments unless told not to; a new
 # compile inside a serving step costs a second or more, so these are never specialized.
 # Offsets that must stay provably aligned for 16-byte loads are passed in units the kernel multiplies
 # back by a constexpr (K and N steps per split, v's strides in 16s).
-_BATCH_INTS = ("table_width", "v_split16", "v_row16", "split_k", "k_steps", "rank_tiles", "num_m_splits", "n_splits",
+_BATCH_INTS = ("table_width", "v_split16", "v_row16", "split_k", "k_steps", "rank_tiles", "max_m_splits", "n_splits",
                "n_steps")
 # Pointers are specialized on 16-byte alignment too: a layer's rank and scaling tables are views at an
 # offset that depends on the batch's width.
@@ -98,6 +100,19 @@ def _load_v(v_ptr, v_split16, v_row16, p, split_k, positions, offs_r, mask):
 
 
 @triton.jit
+def _segment_item(items_ptr, segment_starts_ptr, max_m_splits, BLOCK_M: tl.constexpr):
+    """(first token block, last token, stride between blocks) of the segment-form program for work item
+    `tl.program_id(0)`: item (segment j, i) takes blocks i, i + s, i + 2s, ... of segment j, where s
+    is the segment's own number of programs, min(its blocks, max_m_splits)."""
+    item = tl.program_id(0)
+    j = tl.load(items_ptr + 2 * item)
+    segment_start = tl.load(segment_starts_ptr + j)
+    segment_end = tl.load(segment_starts_ptr + j + 1)
+    m_splits = tl.maximum(tl.minimum(tl.cdiv(segment_end - segment_start, BLOCK_M), max_m_splits), 1)
+    return j, segment_start + tl.load(items_ptr + 2 * item + 1) * BLOCK_M, segment_end, m_splits * BLOCK_M
+
+
+@triton.jit
 def _b_tile(rows_ptr, row_table_ptr, b_rows, n0, offs_bn, r_mask, n_mask, kv_dim):
     """Columns `n0 + offs_bn` of the B^T rows whose chunk 0 is at `b_rows` in the row table."""
     chunk = n0 // kv_dim
@@ -108,24 +123,21 @@ def _b_tile(rows_ptr, row_table_ptr, b_rows, n0, offs_bn, r_mask, n_mask, kv_dim
 
 @triton.jit(do_not_specialize=_BATCH_INTS, do_not_specialize_on_alignment=_BATCH_VIEWS)
 def _shrink_segments(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, ranks_ptr, modules_ptr, table_width,
-                     token_indices_ptr, segment_starts_ptr, v_ptr, v_split16, v_row16, in_features, kv_dim, a_chunks,
-                     k_steps, split_k, rank_tiles, num_m_splits, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr):
-    j = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    p, pid_k, rank, r0, a_offset = _shrink_program(tl.program_id(2), modules_ptr, ranks_ptr, a_offsets_ptr, j,
+                     token_indices_ptr, segment_starts_ptr, items_ptr, v_ptr, v_split16, v_row16, in_features, kv_dim,
+                     a_chunks, k_steps, split_k, rank_tiles, max_m_splits, BLOCK_M: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr):
+    j, first_m, segment_end, m_stride = _segment_item(items_ptr, segment_starts_ptr, max_m_splits, BLOCK_M)
+    p, pid_k, rank, r0, a_offset = _shrink_program(tl.program_id(1), modules_ptr, ranks_ptr, a_offsets_ptr, j,
                                                    table_width, rank_tiles, split_k, BLOCK_R)
     if r0 >= rank:
         return
     offs_r = r0 + tl.arange(0, BLOCK_R)
-    segment_start = tl.load(segment_starts_ptr + j)
-    segment_end = tl.load(segment_starts_ptr + j + 1)
     r_mask = offs_r < rank
     a_rows = a_offset + offs_r * a_chunks  # row-table index of each rank row's chunk 0
     k_start = pid_k * k_steps * BLOCK_K
     k_end = tl.minimum(k_start + k_steps * BLOCK_K, in_features)
     offs_bk = tl.arange(0, BLOCK_K)
-    for m0 in range(segment_start + pid_m * BLOCK_M, segment_end, num_m_splits * BLOCK_M):
+    for m0 in range(first_m, segment_end, m_stride):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < segment_end
         tokens = tl.load(token_indices_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
@@ -146,20 +158,17 @@ def _shrink_segments(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, ra
 @triton.jit(do_not_specialize=_BATCH_INTS, do_not_specialize_on_alignment=_BATCH_VIEWS)
 def _expand_segments(y_ptr, stride_y, v_ptr, v_split16, v_row16, split_k, rows_ptr, row_table_ptr, b_offsets_ptr,
                      ranks_ptr, scalings_ptr, modules_ptr, table_width, columns_ptr, widths_ptr, b_chunks_ptr,
-                     token_indices_ptr, segment_starts_ptr, kv_dim, n_splits, n_steps, num_m_splits,
+                     token_indices_ptr, segment_starts_ptr, items_ptr, kv_dim, n_splits, n_steps, max_m_splits,
                      BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH_UNIT: tl.constexpr,
                      DOT_MODE: tl.constexpr):
-    j = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    j, first_m, segment_end, m_stride = _segment_item(items_ptr, segment_starts_ptr, max_m_splits, BLOCK_M)
     p, rank, scaling, n_start, n_end, column, b_offset, b_chunks = _expand_program(
-        tl.program_id(2), modules_ptr, columns_ptr, widths_ptr, b_chunks_ptr, b_offsets_ptr, ranks_ptr, scalings_ptr,
+        tl.program_id(1), modules_ptr, columns_ptr, widths_ptr, b_chunks_ptr, b_offsets_ptr, ranks_ptr, scalings_ptr,
         table_width, j, n_splits, n_steps, BLOCK_N, WIDTH_UNIT)
     if rank == 0:
         return
-    segment_start = tl.load(segment_starts_ptr + j)
-    segment_end = tl.load(segment_starts_ptr + j + 1)
     offs_bn = tl.arange(0, BLOCK_N)
-    for m0 in range(segment_start + pid_m * BLOCK_M, segment_end, num_m_splits * BLOCK_M):
+    for m0 in range(first_m, segment_end, m_stride):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < segment_end
         tokens = tl.load(token_indices_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
@@ -247,7 +256,7 @@ class LoRAKernelConfig:
     block_n: int | None = None  # output features per step of expand (divides kv_dim)
     split_k: int | None = None  # shrink programs along the input features (partials summed by expand)
     n_splits: int | None = None  # expand programs along each module's output features
-    m_splits: int | None = None  # programs along one segment's tokens (segment form)
+    m_splits: int | None = None  # the most programs along one segment's tokens (segment form)
     num_warps: int | None = None
     num_stages: int | None = None  # None: Triton's default
 
@@ -303,8 +312,8 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
     block_r = given.block_r or defaults.block_r or _clamp(_pow2_at_least(max_rank), 16, 128)
     block_k = min(given.block_k or defaults.block_k or 128, feature_block, _pow2_at_least(features))
     block_n = min(given.block_n or defaults.block_n or 128, feature_block, _pow2_at_least(features))
-    m_splits = given.m_splits or (min(triton.cdiv(max_segment, block_m), 1024) if sms else 1)
-    units = (batch.num_tokens if form == "token" else batch.num_segments * m_splits) * num_modules
+    m_splits = given.m_splits or (min(triton.cdiv(max_segment, block_m), MAX_M_SPLITS) if sms else 1)
+    units = (batch.num_tokens if form == "token" else len(batch.work_items(block_m, m_splits))) * num_modules
     wanted = triton.cdiv(PROGRAMS_PER_SM * sms, units) if sms else 1
     split_k, n_splits = 1, 1
     if op == "shrink" and sms:
@@ -400,9 +409,10 @@ def _shrink(x: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, p
     programs = num_modules * rank_tiles * split_k
     options = {"num_warps": c.num_warps, **({"num_stages": c.num_stages} if c.num_stages else {})}
     if form == "segment":
-        _shrink_segments[(batch.num_segments, c.m_splits, programs)](
-            x, x.stride(0), *common, batch.segment_starts, *tail, c.m_splits, BLOCK_M=c.block_m, BLOCK_R=c.block_r,
-            BLOCK_K=c.block_k, DOT_MODE=dot_mode(x.dtype), **options)
+        items = batch.work_items(c.block_m, c.m_splits)
+        _shrink_segments[(len(items), programs)](
+            x, x.stride(0), *common, batch.segment_starts, items, *tail, c.m_splits, BLOCK_M=c.block_m,
+            BLOCK_R=c.block_r, BLOCK_K=c.block_k, DOT_MODE=dot_mode(x.dtype), **options)
     else:
         _shrink_tokens[(batch.num_tokens, programs)](
             x, x.stride(0), *common, batch.token_adapters, *tail, BLOCK_R=c.block_r, BLOCK_K=c.block_k, **options)
@@ -432,8 +442,9 @@ def _expand(y: torch.Tensor, shrunk: Shrunk, rows: torch.Tensor, batch: LoRABatc
     programs = len(projection.modules) * n_splits
     options = {"num_warps": c.num_warps, **({"num_stages": c.num_stages} if c.num_stages else {})}
     if form == "segment":
-        _expand_segments[(batch.num_segments, c.m_splits, programs)](
-            *common, batch.segment_starts, kv_dim, n_splits, n_steps, c.m_splits, BLOCK_M=c.block_m,
+        items = batch.work_items(c.block_m, c.m_splits)
+        _expand_segments[(len(items), programs)](
+            *common, batch.segment_starts, items, kv_dim, n_splits, n_steps, c.m_splits, BLOCK_M=c.block_m,
             BLOCK_R=c.block_r, BLOCK_N=c.block_n, WIDTH_UNIT=tables.width_unit, DOT_MODE=dot_mode(rows.dtype),
             **options)
     else:

@@ -6,7 +6,8 @@ and whether 16 divides it. On a GPU a compile costs a second or more, so a step 
 key stalls. This records the key of every launch through the interpreter, with the GPU's launch
 choices (`multiprocessors` patched to report SMs), and checks that the LoRA kernels' keys in steps
 of every kind (prefill, mixed, decode, graphs' static batches; ranks 2..16, one adapter or three)
-are all among those `precompile` launched, and that each other kernel has a single key per model.
+are all among those `precompile` launched, and that each other kernel has a single key per model
+(mixed steps' attention included, which launches on views of the step's slot table).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def test_steps_launch_only_precompiled_variants(model_and_adapters, monkeypatch,
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     llm.generate([list(range(5, 65))], params, ["r8"])
     llm.generate([[5, 6, 7], list(range(9, 30)), [4, 5], [7, 8, 9, 10]], params, ["r2", "r16", None, "r8"])
+    # Two prompts and the start of a third fill the first step; the third's rest then runs with two
+    # decoding sequences (a mixed step: its attention launches on row views of the step's slot table).
+    llm.generate([list(range(5, 25)), list(range(6, 26)), list(range(7, 37))], params, ["r2", None, "r16"])
     launched = set(keys)
     lora = {k for k in launched if k[0] in LORA_KERNELS}
     assert lora and lora <= precompiled, sorted(lora - precompiled)

@@ -56,8 +56,20 @@ def test_slot_table_built_from_slot_lists_when_missing(device):
     _compare([3, 1], [8, 12], 4, 2, device=device, with_table=False)
 
 
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_mixed_step_decoding_rows_interleaved(num_splits, device):
+    # Decoding sequences between chunks of prompts: they run on the decode kernel, the rest on prefill.
+    _compare([1, 9, 1, 1, 70, 1], [40, 9, 3, 130, 100, 1], 8, 2, device=device, seed=5, num_splits=num_splits)
+
+
 def test_slot_table_layout():
-    table = SlotTable.build([0, 3], [3, 1], [[7, 1, 4], [9, 2, 5, 8, 6]], "cpu")
-    assert table.slots.tolist() == [[7, 1, 4, 0, 0], [9, 2, 5, 8, 6]]
-    assert table.context_lens.tolist() == [3, 5] and table.query_lens.tolist() == [3, 1]
+    table = SlotTable.build([0, 3, 4], [3, 1, 2], [[7, 1, 4], [9, 2, 5, 8, 6], [3, 11]], "cpu")
+    # The one-query row first; the others keep their order.
+    assert table.slots.shape[1] == 16 and not table.slots[:, 5:].any()  # rows padded to 16 slots
+    assert table.slots[:, :5].tolist() == [[9, 2, 5, 8, 6], [7, 1, 4, 0, 0], [3, 11, 0, 0, 0]]
+    assert table.context_lens.tolist() == [5, 3, 2] and table.query_lens.tolist() == [1, 3, 2]
+    assert table.query_starts.tolist() == [3, 0, 4]
     assert (table.max_query_len, table.max_context_len) == (3, 5)
+    assert (table.num_decode, table.decode_max_context_len) == (1, 5)
+    rest = table.rows(1, 3, 3, 5)
+    assert rest.slots[:, :5].tolist() == [[7, 1, 4, 0, 0], [3, 11, 0, 0, 0]] and rest.num_decode == 0
