@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from slora.config import LoRAConfig, ServerOptions
+from slora.config import ADMISSIONS, LoRAConfig, SchedulerConfig, ServerOptions
 from slora.engine.sampling_params import SamplingParams
 
 
@@ -20,6 +20,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--admission", choices=ADMISSIONS, default=SchedulerConfig.admission,
+                        help="when a waiting request starts: optimistic (preempt and recompute when the pool runs "
+                             "out) or reserve (only if every running request can reach its max_tokens)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -29,7 +32,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         model=args.model, device=args.device, dtype=args.dtype, num_slots=args.num_slots, pool_memory=memory,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, admission=args.admission,
     )
 
 
@@ -72,7 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = EngineConfig(
         model=kwargs["model"], device=kwargs["device"], dtype=kwargs["dtype"], seed=args.seed,
         pool=PoolConfig(num_slots=kwargs["num_slots"], memory=kwargs["pool_memory"]),
-        scheduler=SchedulerConfig(kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"], kwargs["max_model_len"]),
+        scheduler=SchedulerConfig(kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"], kwargs["max_model_len"],
+                                  kwargs["admission"]),
         lora=LoRAConfig(adapters, args.lora_dir, args.max_lora_rank, args.max_cpu_adapters, args.adapter_prefetch),
     )
     options = ServerOptions(served_model_name=args.served_model_name, api_key=args.api_key,

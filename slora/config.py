@@ -129,13 +129,28 @@ class PoolConfig:
     memory: int | float | str | None = None
 
 
+ADMISSIONS = ("optimistic", "reserve")
+
+
 @dataclass
 class SchedulerConfig:
-    """Continuous batching limits of one engine step."""
+    """Continuous batching limits of one engine step, and when a waiting request may start.
+
+    `admission`: "optimistic" starts a request when its prompt fits, and preempts (recomputes) the
+    newest running request when the pool later runs out; "reserve" (S-LoRA's router) starts it only
+    if every running request and it can reach `max_tokens` without a preemption, counting on the
+    slots of those that finish first. "reserve" never recomputes, but its bound is each request's
+    max_tokens: it suits workloads whose requests set it close to what they generate.
+    """
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
+    admission: str = "optimistic"
+
+    def __post_init__(self) -> None:
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSIONS)}, got {self.admission!r}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from slora.bench import SYSTEMS
+from slora.config import ADMISSIONS
 
 
 def register(bench_commands) -> None:
@@ -43,6 +44,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--admission", choices=ADMISSIONS, default="reserve",  # BenchOptions.admission
+                   help="the engine's admission policy (reserve: S-LoRA's, no preemption; requests here set "
+                        "max_tokens to their output length)")
     g = p.add_argument_group("workload")
     g.add_argument("--num-adapters", type=int, nargs="+", default=[100], metavar="N")
     g.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of adapter popularity")
@@ -123,7 +127,7 @@ def options_from_args(args: argparse.Namespace):
     return BenchOptions(
         model=model, device=device, dtype=args.dtype, backend=args.backend, num_slots=args.num_slots,
         pool_memory=memory, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, seed=args.seed, slo_ttft=args.slo_ttft, drain_timeout=args.drain_timeout,
+        max_model_len=args.max_model_len, admission=args.admission, seed=args.seed, slo_ttft=args.slo_ttft, drain_timeout=args.drain_timeout,
         time_limit=args.time_limit, ranks=tuple(args.ranks), targets=tuple(args.targets),
         adapter_variants=args.adapter_variants, adapter_dir=args.adapter_dir, adapter_store=args.adapter_store,
         max_cpu_adapters=args.max_cpu_adapters, split_adapter_share=args.split_adapter_share,

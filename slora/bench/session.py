@@ -45,6 +45,9 @@ class BenchOptions:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None
+    # S-LoRA's admission: the workloads' requests set max_tokens to what they generate, so it is exact
+    # (no request is ever preempted and recomputed); "optimistic" is the engine's default.
+    admission: str = "reserve"
     seed: int = 0
     slo_ttft: float = 6.0
     drain_timeout: float = 30.0
@@ -218,7 +221,7 @@ class BenchSession:
             model=o.model, device=o.device, dtype=o.dtype, seed=o.seed,
             pool=PoolConfig(num_slots=o.num_slots, memory=o.pool_memory),
             scheduler=SchedulerConfig(max_num_seqs=o.max_num_seqs, max_num_batched_tokens=o.max_num_batched_tokens,
-                                      max_model_len=o.max_model_len),
+                                      max_model_len=o.max_model_len, admission=o.admission),
             lora=LoRAConfig(max_lora_rank=max(max(o.ranks), 1), max_cpu_adapters=o.max_cpu_adapters),
             backend=o.backend, **overrides,
         )

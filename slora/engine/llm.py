@@ -31,6 +31,7 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
+        admission: str = SchedulerConfig.admission,
         seed: int = 0,
         adapters: dict[str, str] | None = None,
         lora_dir: str | None = None,
@@ -44,7 +45,7 @@ class LLM:
         config = EngineConfig(
             model=model, device=device, dtype=dtype, seed=seed,
             pool=PoolConfig(num_slots=num_slots, memory=pool_memory),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, admission),
             lora=LoRAConfig(dict(adapters or {}), lora_dir, max_lora_rank, max_cpu_adapters, adapter_prefetch),
             backend=backend, cuda_graphs=cuda_graphs, lora_kernel=lora_kernel,
         )

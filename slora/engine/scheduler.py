@@ -27,6 +27,8 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from slora.config import SchedulerConfig
 from slora.engine.request import Request, RequestStatus, SlotIds
 from slora.lora.residency import AdapterResidency
@@ -90,6 +92,8 @@ class Scheduler:
             request = self.waiting[0]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             adapter_slots = self.residency.slots_needed(request.adapter) if request.adapter else 0
+            if self.config.admission == "reserve" and not self._peak_fits(request, adapter_slots):
+                break
             if not self._make_room(num_tokens + adapter_slots, keep=request.adapter):
                 break
             self.waiting.popleft()
@@ -155,6 +159,35 @@ class Scheduler:
             if len(names) == limit:
                 break
         return names
+
+    def _peak_fits(self, candidate: Request, adapter_slots: int) -> bool:
+        """Whether the running requests and `candidate` all reach their last token without running out
+        of slots (S-LoRA's admission). Request i holds h_i slots and still needs p_i for the tokens it
+        has (its prompt, or the next token: taken now) and d_i for those it may yet generate (one a
+        step); after t more steps the pool must hold
+        sum over i with d_i >= t of (p_i + t), less the h_i freed by those that finished (d_i < t).
+        That is largest at t = 0 or some d_i."""
+        requests = [*self.running, candidate]
+        held = np.fromiter((len(r.slot_ids) for r in requests), dtype=np.int64, count=len(requests))
+        prompt = np.fromiter((max(0, r.num_tokens - len(r.slot_ids)) for r in requests), dtype=np.int64,
+                             count=len(requests))
+        output = np.fromiter((self._output_left(r) for r in requests), dtype=np.int64, count=len(requests))
+        order = np.argsort(output, kind="stable")
+        held, prompt, output = held[order], prompt[order], output[order]
+        # At t = output[k]: requests k.. are still running (sorted), requests ..k-1 have finished.
+        still = prompt[::-1].cumsum()[::-1] + output * np.arange(len(output), 0, -1)
+        freed = np.concatenate(([0], held.cumsum()[:-1]))
+        peak = max(int(prompt.sum()), int((still - freed).max()))
+        available = self.pool.num_free + (self.residency.evictable_slots(candidate.adapter) if self.residency else 0)
+        return peak + adapter_slots <= available
+
+    def _output_left(self, request: Request) -> int:
+        """Tokens it may still generate beyond the next one, each fed back (the last one never is)."""
+        prompt_len = len(request.prompt_token_ids)
+        limit = request.params.max_tokens
+        if limit is None:  # until the context is full
+            limit = (self.config.max_model_len or 1 << 30) - prompt_len
+        return max(0, prompt_len + limit - 1 - request.num_tokens)
 
     def _make_room(self, num_slots: int, keep: str | None = None) -> bool:
         """True when `num_slots` are free, after evicting idle adapters if that is what it takes."""

@@ -53,6 +53,29 @@ def test_a_full_pool_preempts_and_recomputes_without_changing_tokens(tiny_llama_
     assert small.engine.pool.stats().used_slots == 0
 
 
+def test_reserve_admission_never_preempts_and_still_batches(tiny_llama_folder):
+    """S-LoRA's admission on the pool that made the optimistic one preempt: a request starts only if
+    every running one can reach max_tokens, so nothing is recomputed, yet sequences share steps, and
+    requests ending early (a short max_tokens) make room for the next ones."""
+    prompts = _prompts(8, 20, 40, seed=1)
+    params = [SamplingParams(temperature=0, max_tokens=30 if i % 3 else 4, ignore_eos=True) for i in range(8)]
+    llm = LLM(model=str(tiny_llama_folder[1]), num_slots=160, admission="reserve")
+    expected = [llm.generate(p, q)[0].token_ids for p, q in zip(prompts, params)]
+    scheduler = llm.engine.scheduler
+    schedule, most_running = scheduler.schedule, []
+
+    def counting():
+        batch = schedule()
+        most_running.append(len(scheduler.running))
+        return batch
+
+    scheduler.schedule = counting
+    outputs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outputs] == expected
+    assert scheduler.num_preemptions == 0 and max(most_running) > 1
+    assert llm.engine.pool.stats().used_slots == 0
+
+
 def test_a_forward_pass_out_of_device_memory_is_retried_smaller_without_changing_tokens(tiny_llama_folder,
                                                                                        monkeypatch):
     """A "device" that holds at most 12 tokens a pass: every larger pass raises OutOfMemoryError. The
