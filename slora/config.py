@@ -174,11 +174,11 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     backend: str | None = None  # kernels: "triton" or "torch"; None = "triton" on CUDA, "torch" on CPU
-    # Decode steps as CUDA graphs (Triton backend). None = on CUDA; True on the CPU runs the graphs'
-    # static buffers eagerly (how tests check them); False = never.
+    # Steps as CUDA graphs (Triton backend; decode and mixed, see engine/cuda_graphs.py). None = on CUDA;
+    # True on the CPU runs the graphs' static buffers eagerly (how tests check them); False = never.
     cuda_graphs: bool | None = None
-    # Where decode steps are captured as CUDA graphs: record every bucket's graph (with and without LoRA)
-    # while the engine starts, so that no serving step pays for a capture; False = each on its first step.
+    # When steps are captured as CUDA graphs: record every graph (with and without LoRA) while the
+    # engine starts, so that no serving step pays for a capture; False = each on its first step.
     capture_graphs_at_start: bool = True
     lora_kernel: str = "auto"  # see LORA_KERNELS; the ablations run without CUDA graphs
 

@@ -15,7 +15,7 @@ import torch
 
 from slora.config import ABLATION_KERNELS, EngineConfig, triton_lora_form
 from slora.engine.batch import build_forward_batch, resolve_backend
-from slora.engine.cuda_graphs import DecodeGraphs, GraphLimits
+from slora.engine.cuda_graphs import GraphLimits, StepGraphs
 from slora.engine.detokenizer import IncrementalDetokenizer
 from slora.engine.request import CompletionOutput, Request, RequestOutput
 from slora.engine.sampler import SampleInput, SampleResult, sample
@@ -84,7 +84,7 @@ class LLMEngine:
         self.triton_lora_form = triton_lora_form(config.lora_kernel) \
             if uses_triton and config.lora_kernel not in ABLATION_KERNELS else None
         self._precompile_lora_kernels()
-        self.graphs = self._decode_graphs()
+        self.graphs = self._step_graphs()
         torch.manual_seed(config.seed)
 
     def _precompile_lora_kernels(self) -> None:
@@ -97,16 +97,17 @@ class LLMEngine:
 
         triton_lora.precompile(self.pool.layers[0], projection_inputs(self.model_config), self.triton_lora_form)
 
-    def _decode_graphs(self) -> DecodeGraphs | None:
-        """CUDA graphs for decode steps, when the config and the device call for them (see EngineConfig)."""
+    def _step_graphs(self) -> StepGraphs | None:
+        """CUDA graphs for steps, when the config and the device call for them (see EngineConfig)."""
         wanted = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
         if not wanted or self.triton_lora_form is None:  # graphs run the Triton kernels; the ablations'
             return None  # shapes follow the batch
         limits = GraphLimits(max_batch=self.config.scheduler.max_num_seqs, max_context=min(self.max_model_len, 16384),
                              max_lora_rank=self.config.lora.max_lora_rank,
                              row_capacity=self.pool.rows(0).shape[0], num_layers=self.model_config.num_layers,
-                             scale=self.model_config.head_dim**-0.5)
-        graphs = DecodeGraphs(self.model, self.pool.layers, limits, self.pool.scratch_slot,
+                             scale=self.model_config.head_dim**-0.5,
+                             max_tokens=self.config.scheduler.max_num_batched_tokens)
+        graphs = StepGraphs(self.model, self.pool.layers, limits, self.pool.scratch_slot,
                               capture=self.device.type == "cuda")
         if graphs.capture and self.config.capture_graphs_at_start:  # with LoRA too: adapters may come at run time
             graphs.record_all([self.triton_lora_form])
@@ -190,7 +191,7 @@ class LLMEngine:
         }
 
     def step_stats(self) -> dict[str, int]:
-        """Forward passes so far, how many were decode steps replayed as CUDA graphs, graphs captured, and
+        """Forward passes so far, how many were replayed as CUDA graphs, graphs captured, and
         forward passes undone for lack of device memory (`Scheduler.back_off`)."""
         graphs = self.graphs
         replayed = graphs.replays if graphs is not None and graphs.capture else 0
@@ -239,8 +240,8 @@ class LLMEngine:
             batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.model_config.head_dim,
                                                   self.device, self.residency, self.config.backend,
                                                   self.config.lora_kernel)
-            bucket = self.graphs.bucket(batch) if self.graphs is not None else None
-            logits = self.model(batch) if bucket is None else self.graphs.run(batch, bucket)
+            graph = self.graphs.bucket(batch) if self.graphs is not None else None
+            logits = self.model(batch) if graph is None else self.graphs.run(batch, graph)
         except torch.OutOfMemoryError:
             if sum(scheduled.num_new_tokens) == 1:  # nothing smaller to try: the request fails (in `step`)
                 raise

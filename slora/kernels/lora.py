@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from slora.kernels.metadata import Projection
+from slora.kernels.metadata import Projection, block_items, to_device
 # MODULE_INDEX: re-exported, the kernels' module axis.
 from slora.lora.residency import MODULE_INDEX, MODULES, AdapterTables, ResidentAdapter  # noqa: F401
 
@@ -144,20 +144,16 @@ class LoRABatch:
             return self.items
         key = (block_m, max_m_splits)
         if key not in self._items:
-            if self.host is not None:
-                starts = self.host.arrays["segment_starts"][: self.num_segments + 1]
-            else:
-                starts = self.segment_starts.cpu().numpy()
-            lengths = np.diff(starts)
-            counts = np.minimum(-(-lengths // block_m), max_m_splits)
-            items = np.empty((int(counts.sum()), 2), dtype=np.int32)
-            items[:, 0] = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-            items[:, 1] = np.arange(len(items), dtype=np.int32) - np.repeat(np.cumsum(counts) - counts, counts)
-            on_cuda = self.segment_starts.device.type == "cuda"
-            host = torch.from_numpy(items)
-            self._items[key] = (host.pin_memory() if on_cuda else host).to(self.segment_starts.device,
-                                                                           non_blocking=True)
+            self._items[key] = to_device(self.host_work_items(block_m, max_m_splits), self.segment_starts.device)
         return self._items[key]
+
+    def host_work_items(self, block_m: int, max_m_splits: int) -> np.ndarray:
+        """`work_items` on the host, made from the step's host tables."""
+        if self.host is not None:
+            starts = self.host.arrays["segment_starts"][: self.num_segments + 1]
+        else:
+            starts = self.segment_starts.cpu().numpy()
+        return block_items(np.minimum(-(-np.diff(starts).astype(np.int64) // block_m), max_m_splits))
 
     @classmethod
     def build(cls, groups: list[AdapterTokens], num_layers: int, device: torch.device | str) -> "LoRABatch":

@@ -6,7 +6,7 @@ neither knows about requests, scheduling or adapter residency.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +32,11 @@ class SlotTable:
     max_context_len: int
     num_decode: int = 0  # leading rows with one query each (all rows when max_query_len is 1)
     decode_max_context_len: int = 0  # the longest context among them
+    host_query_lens: np.ndarray | None = None  # `query_lens` on the host (what `prefill_items` is built from)
+    # The prefill kernel's programs along the queries of the rows from `num_decode` on: fixed ones (a
+    # CUDA graph's static table, whose row views keep them), else made by `prefill_items` per block size.
+    items: torch.Tensor | None = None
+    _items: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, query_starts: list[int], query_lens: list[int], context_slots: list[np.ndarray | list[int]],
@@ -55,13 +60,44 @@ class SlotTable:
             max_context_len=width,
             num_decode=num_decode,
             decode_max_context_len=int(context_lens[order[:num_decode]].max(initial=0)),
+            host_query_lens=lens[order],
         )
 
     def rows(self, start: int, end: int, max_query_len: int, max_context_len: int) -> "SlotTable":
         """Rows `[start, end)` as a table of their own (views: nothing is copied)."""
+        host = self.host_query_lens[start:end] if self.host_query_lens is not None else None
         return SlotTable(self.slots[start:end], self.context_lens[start:end], self.query_starts[start:end],
                          self.query_lens[start:end], max_query_len, max_context_len,
-                         end - start if max_query_len == 1 else 0, max_context_len if max_query_len == 1 else 0)
+                         end - start if max_query_len == 1 else 0, max_context_len if max_query_len == 1 else 0,
+                         host, self.items)
+
+    def host_prefill_items(self, block_m: int) -> np.ndarray:
+        """[n, 2] int32 (row, query block): one per block of `block_m` queries of each row, so that no
+        program of the prefill kernel is left without queries (a row-by-longest-row grid would be)."""
+        lens = self.host_query_lens if self.host_query_lens is not None else self.query_lens.cpu().numpy()
+        return block_items(-(-lens.astype(np.int64) // block_m))
+
+    def prefill_items(self, block_m: int) -> torch.Tensor:
+        if self.items is not None:
+            return self.items
+        if block_m not in self._items:
+            self._items[block_m] = to_device(self.host_prefill_items(block_m), self.slots.device)
+        return self._items[block_m]
+
+
+def block_items(counts: np.ndarray) -> np.ndarray:
+    """[sum(counts), 2] int32: (i, 0), (i, 1), ..., (i, counts[i] - 1) for each i in order: the work items
+    of kernels whose programs each take one part of a row, segment or sequence."""
+    items = np.empty((int(counts.sum()), 2), dtype=np.int32)
+    items[:, 0] = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    items[:, 1] = np.arange(len(items), dtype=np.int32) - np.repeat(np.cumsum(counts) - counts, counts)
+    return items
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host table on `device`: through pinned memory on CUDA, so the copy does not wait."""
+    host = torch.from_numpy(array)
+    return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 K/V are read in place from the pool (`[num_slots, 2, kv_heads, head_dim]` per layer) through the
 step's `SlotTable` (each sequence's slots, padded into one tensor, built once per step).
 
-- prefill: program (sequence, query block, head) runs a flash-attention loop (online softmax) over
+- prefill: program (work item (sequence, query block), head) runs a flash-attention loop (online softmax) over
   the sequence's keys up to the causal limit of its last query. Queries are the last `query_len`
   positions of the context, so a prefix already in the pool (chunked prefill) is served too. In a
   mixed step the decoding sequences (one query each) go to the decode kernel instead: on an H100, a
@@ -68,13 +68,13 @@ def _attend_block(q, k_base, table, n0, key_end, positions, offs_d, d_mask, stri
 
 
 @triton.jit(do_not_specialize=_STEP_INTS, do_not_specialize_on_alignment=_ROW_VIEWS)
-def _prefill(q_ptr, o_ptr, kv_ptr, slots_ptr, context_lens_ptr, query_starts_ptr, query_lens_ptr,
+def _prefill(q_ptr, o_ptr, kv_ptr, slots_ptr, context_lens_ptr, query_starts_ptr, query_lens_ptr, items_ptr,
              stride_qt, stride_qh, stride_ot, stride_oh, stride_slot, stride_kv, stride_kvh, stride_table,
              qk_scale, head_dim, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr):
-    seq = tl.program_id(0)
-    q_block = tl.program_id(1)
-    head = tl.program_id(2)
+    seq = tl.load(items_ptr + 2 * tl.program_id(0))  # work item: (sequence, query block)
+    q_block = tl.load(items_ptr + 2 * tl.program_id(0) + 1)
+    head = tl.program_id(1)
     query_len = tl.load(query_lens_ptr + seq)
     if q_block * BLOCK_M >= query_len:
         return
@@ -170,14 +170,21 @@ def prefill(q: torch.Tensor, out: torch.Tensor, kv_layer: torch.Tensor, table: S
     """Causal attention of every sequence's queries to its context (prefix and new tokens)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // kv_layer.shape[2]
-    block_m = block_m or (64 if q.is_cuda else max(16, min(64, triton.next_power_of_2(table.max_query_len))))
+    block_m = block_m or prefill_block_m(table.max_query_len, q.device)
     block_n = block_n or 64
-    grid = (table.slots.shape[0], triton.cdiv(table.max_query_len, block_m), num_heads)
-    _prefill[grid](q, out, kv_layer, table.slots, table.context_lens, table.query_starts, table.query_lens,
-                   q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_kv_strides(kv_layer),
-                   table.slots.stride(0), scale * _LOG2E, head_dim, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
-                   BLOCK_D=triton.next_power_of_2(head_dim), DOT_MODE=dot_mode(q.dtype),
-                   num_warps=4 if head_dim <= 64 else 8)
+    items = table.prefill_items(block_m)
+    if len(items) == 0:
+        return
+    _prefill[(len(items), num_heads)](
+        q, out, kv_layer, table.slots, table.context_lens, table.query_starts, table.query_lens, items, q.stride(0),
+        q.stride(1), out.stride(0), out.stride(1), *_kv_strides(kv_layer), table.slots.stride(0), scale * _LOG2E,
+        head_dim, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        DOT_MODE=dot_mode(q.dtype), num_warps=4 if head_dim <= 64 else 8)
+
+
+def prefill_block_m(max_query_len: int, device: torch.device) -> int:
+    """Queries per prefill program: 64 on a GPU; under the interpreter, no more than the longest query needs."""
+    return 64 if device.type == "cuda" else max(16, min(64, triton.next_power_of_2(max_query_len)))
 
 
 def decode_splits(num_seqs: int, kv_heads: int, max_context_len: int, device: torch.device) -> int:

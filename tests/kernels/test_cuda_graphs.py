@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from slora import LLM, SamplingParams
-from slora.engine.cuda_graphs import DecodeGraphs
+from slora.engine.cuda_graphs import StepGraphs
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18], [19, 20, 21], [22, 23, 24, 25, 26, 27]]
 NAMES = ["r2", "r8", None, "r16", "r8", "r2"]
@@ -29,13 +29,13 @@ def _llm(model_and_adapters, device, backend: str, cuda_graphs: bool | None) -> 
 
 def test_graph_path_matches_torch_backend(model_and_adapters, device, monkeypatch):
     buckets = []
-    original = DecodeGraphs.run
+    original = StepGraphs.run
 
     def run(self, batch, bucket):
         buckets.append((batch.input_ids.numel(), bucket))
         return original(self, batch, bucket)
 
-    monkeypatch.setattr(DecodeGraphs, "run", run)
+    monkeypatch.setattr(StepGraphs, "run", run)
     # Different lengths: the batch shrinks from 6 (bucket 8, two padding rows) to 1 as requests end,
     # so later steps run over buffers that still hold an earlier, larger batch's rows.
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 3, 6, 2, 4, 3)]
@@ -44,18 +44,18 @@ def test_graph_path_matches_torch_backend(model_and_adapters, device, monkeypatc
     assert llm.engine.graphs is not None and llm.engine.graphs.capture == (device.type == "cuda")
     got = [o.token_ids for o in llm.generate(PROMPTS, params, NAMES)]
     assert got == expected
-    assert (6, 8) in buckets and (1, 1) in buckets and (3, 4) in buckets  # padded buckets and an exact one
+    decode = {(n, size) for n, (kind, size) in buckets if kind == "decode"}
+    assert (6, 8) in decode and (1, 1) in decode and (3, 4) in decode  # padded buckets and an exact one
+    assert ("mixed", 32) in {key for _, key in buckets}  # the prompts (27 tokens): a mixed graph of 32 tokens
     # A batch without adapters runs the graph without LoRA launches, and gives the same tokens too.
     base = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)] * 2
     assert ([o.token_ids for o in llm.generate(PROMPTS[:2], base)] ==
             [o.token_ids for o in _llm(model_and_adapters, device, "torch", False).generate(PROMPTS[:2], base)])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="records launches through Triton's interpreter; on a GPU "
-                    "test_graph_path_matches_torch_backend checks the replays themselves")
-def test_launches_do_not_depend_on_the_batch(model_and_adapters, device, monkeypatch):
-    """Two decode steps of bucket 8 with other sequences, adapters, ranks and contexts launch the same kernels
-    with the same grids, scalars and shapes: what a captured graph needs to stay right at every replay."""
+def _record_launches(monkeypatch, watched: tuple[str, int]) -> list[list]:
+    """The launches (kernel, grid, scalars, tensor shapes) of the first two steps with LoRA that run the
+    graph `watched`, through Triton's interpreter."""
     from triton.runtime.interpreter import InterpretedFunction
 
     launches: list[list] = []
@@ -73,24 +73,57 @@ def test_launches_do_not_depend_on_the_batch(model_and_adapters, device, monkeyp
                                  {k: describe(v) for k, v in kwargs.items()}))
         return original_launch(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    original_run = DecodeGraphs.run
+    original_run = StepGraphs.run
 
-    def run(self, batch, bucket):
-        if bucket == 8 and batch.lora is not None and len(launches) < 2 and not recording["on"]:
+    def run(self, batch, key):
+        if key == watched and batch.lora is not None and len(launches) < 2 and not recording["on"]:
             launches.append([])
             recording["on"] = True
             try:
-                return original_run(self, batch, bucket)
+                return original_run(self, batch, key)
             finally:
                 recording["on"] = False
-        return original_run(self, batch, bucket)
+        return original_run(self, batch, key)
 
     monkeypatch.setattr(InterpretedFunction, "run", launch)
-    monkeypatch.setattr(DecodeGraphs, "run", run)
+    monkeypatch.setattr(StepGraphs, "run", run)
+    return launches
+
+
+INTERPRETER_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="records launches through Triton's "
+                                      "interpreter; on a GPU test_graph_path_matches_torch_backend checks the replays")
+
+
+@INTERPRETER_ONLY
+def test_decode_launches_do_not_depend_on_the_batch(model_and_adapters, device, monkeypatch):
+    """Two decode steps of bucket 8 with other sequences, adapters, ranks and contexts launch the same kernels
+    with the same grids, scalars and shapes: what a captured graph needs to stay right at every replay."""
+    launches = _record_launches(monkeypatch, ("decode", 8))
     llm = _llm(model_and_adapters, device, "triton", True)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     llm.generate(PROMPTS[:6], params, NAMES)  # 6 sequences, three adapters
     llm.generate([p + [30, 31] for p in PROMPTS[:5]], params, ["r16", "r16", "r2", None, "r2"])  # 5: other ones
+    assert len(launches) == 2 and launches[0]
+    assert launches[0] == launches[1]
+
+
+@INTERPRETER_ONLY
+def test_mixed_launches_do_not_depend_on_the_batch(model_and_adapters, device, monkeypatch):
+    """The same for two steps of the mixed graph of 32 tokens: six prompts alone (27 tokens), then three
+    decoding sequences with two prompt chunks of other adapters (25 tokens)."""
+    launches = _record_launches(monkeypatch, ("mixed", 32))
+    llm = _llm(model_and_adapters, device, "triton", True)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm.generate(PROMPTS[:6], params, NAMES)
+    engine = llm.engine
+    for prompt, name in zip(PROMPTS[:3], ["r16", None, "r2"]):
+        engine.add_request(prompt, params, name)
+    engine.step()  # their prompts: 12 tokens, the graph of 16
+    engine.add_request(list(range(40, 50)), params, "r8")
+    engine.add_request(list(range(50, 62)), params, "r2")
+    engine.step()
+    while engine.has_unfinished():
+        engine.step()
     assert len(launches) == 2 and launches[0]
     assert launches[0] == launches[1]
 
@@ -118,7 +151,7 @@ def test_graph_path_keeps_the_chosen_lora_form(model_and_adapters, device):
               num_slots=512, max_num_seqs=4, max_lora_rank=16, cuda_graphs=True, lora_kernel="token")
     assert [o.token_ids for o in llm.generate(PROMPTS[:3], params, NAMES[:3])] == expected
     # (On CUDA the engine also recorded each bucket without LoRA at start-up.)
-    assert {form for _, form in llm.engine.graphs._graphs if form is not None} == {"token"}
+    assert {form for _, _, form in llm.engine.graphs._graphs if form is not None} == {"token"}
 
 
 def test_graphs_recorded_ahead_serve_every_step(model_and_adapters, device):
@@ -132,7 +165,8 @@ def test_graphs_recorded_ahead_serve_every_step(model_and_adapters, device):
     expected_base = [o.token_ids for o in reference.generate(PROMPTS[:2], base)]
     llm = _llm(model_and_adapters, device, "triton", True)
     graphs = llm.engine.graphs
-    every = {(bucket, form) for bucket in (1, 2, 4, 8) for form in (None, "segment")}
+    every = {("decode", bucket, form) for bucket in (1, 2, 4, 8) for form in (None, "segment")}
+    every |= {("mixed", size, form) for size in graphs.token_buckets for form in (None, "segment")}
     assert set(graphs._graphs) == (every if graphs.capture else set())
     graphs.record_all(["segment"])
     assert set(graphs._graphs) == every
