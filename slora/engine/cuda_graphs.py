@@ -148,6 +148,10 @@ class StepGraphs:
         self.prefill_items = self.lora_items = None
         if self.token_buckets:
             self.rows = StaticRows(self.mixed_rows, limits.max_context, scratch_slot, device)
+            # Until a step fills them (a capture runs the graph before any step): every row's query is
+            # token 0, the one token every graph has, and the prefill rows have none.
+            self.rows.query_starts.zero_()
+            self.rows.query_lens[limits.max_batch :] = 0
             self.prefill_items = StaticItems(limits.max_tokens // 16 + MAX_PREFILL_ROWS, device)
             self.lora_items = StaticItems(limits.max_tokens // LORA_BLOCK_M + self.mixed_rows, device)
         modules, layers, on_cuda = len(MODULES), limits.num_layers, device.type == "cuda"
