@@ -179,7 +179,8 @@ def test_graphs_recorded_ahead_serve_every_step(model_and_adapters, device):
 def test_every_static_batch_runs_before_any_step(model_and_adapters, device):
     """A capture runs each graph's static batch before any step has filled it: with more decode rows
     than a mixed graph has tokens (32 against 16), every row must still read and write inside its
-    buffers, and the logits must be finite."""
+    buffers (under the interpreter a load or store past them faults). What the rows compute is
+    padding: no step samples it."""
     folder, adapters = model_and_adapters
     llm = LLM(model=str(folder), device=str(device), dtype="float32", backend="triton", adapters=adapters,
               num_slots=512, max_num_seqs=32, max_num_batched_tokens=32, max_lora_rank=16, cuda_graphs=True)
@@ -187,5 +188,5 @@ def test_every_static_batch_runs_before_any_step(model_and_adapters, device):
     assert graphs.token_buckets == (16, 32)
     for kind, size in [("mixed", t) for t in graphs.token_buckets] + [("decode", 32)]:
         for form in (None, "segment"):
-            logits = llm.engine.model(graphs._static_batch(kind, size, form))
-            assert torch.isfinite(logits).all(), (kind, size, form)
+            static = graphs._static_batch(kind, size, form)
+            assert llm.engine.model(static).shape[0] == static.logits_indices.numel()
