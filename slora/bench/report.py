@@ -298,6 +298,9 @@ def make_meta(session, commit: str | None, extra_notes: list[str] | None = None)
             list(o.ranks), "/".join(m.removesuffix("_proj") for m in o.targets), o.adapter_variants),
         "workload: S-LoRA's synthetic generator (popularity, gamma arrivals, uniform lengths); TTFT is "
         "measured from each request's scheduled arrival",
+        f"admission: {o.admission} for every engine-based system"
+        + (" (S-LoRA's: a request starts only if every running one can reach its max_tokens, here its output "
+           "length, so nothing is preempted)" if o.admission == "reserve" else ""),
     ] + list(extra_notes or [])
     return {
         "device": device_name(session.device), "commit": current_commit(commit), "date": today(),
