@@ -228,7 +228,7 @@ def profile_workload(session: BenchSession, system: str, num_adapters: int, num_
                              "host_phases_ms_median": timer.summary_ms()}
     mixed = {}
     if profiles:
-        merged = defaultdict(lambda: [0.0, 0.0, 0])
+        merged = defaultdict(lambda: [0.0, 0.0])
         tables = [kernel_tables(events, 1) for events, _, _ in profiles]
         mixed = {"profiled_steps": len(profiles),
                  "wall_ms_profiled": [1e3 * wall for _, wall, _ in profiles],
@@ -238,8 +238,8 @@ def profile_workload(session: BenchSession, system: str, num_adapters: int, num_
         for t in tables:
             for e in t["top_gpu"]:
                 merged[e["name"]][0] += e["ms_per_step"] / len(tables)
-                merged[e["name"]][2] += e["calls_per_step"] / len(tables)
-        mixed["top_gpu"] = [{"name": name, "ms_per_step": v[0], "calls_per_step": v[2]}
+                merged[e["name"]][1] += e["calls_per_step"] / len(tables)
+        mixed["top_gpu"] = [{"name": name, "ms_per_step": v[0], "calls_per_step": v[1]}
                             for name, v in sorted(merged.items(), key=lambda kv: -kv[1][0])[:20]]
     return {"system": system, "num_adapters": num_adapters if system != "base-only" else 0,
             "requests": num_requests, "elapsed_s": elapsed, "preemptions": engine.scheduler.num_preemptions,

@@ -24,8 +24,9 @@ Two kinds of graphs, each with and without LoRA (per Triton LoRA form):
   smallest token bucket >= T (up to `max_tokens`, the step's token budget). Its slot table has
   `max_batch` decode rows (the decode kernel) then `MAX_PREFILL_ROWS` prefill rows (the prefill
   kernel, whose work items are (row, query block)); padding decode rows attend to the scratch slot
-  from one padding token past T, padding prefill rows have no query. A step with more prompt chunks
-  runs eagerly.
+  from one padding token past the bucket's, padding prefill rows have no query. A step with more
+  prompt chunks runs eagerly. Padding tokens past T that no row attends from compute on whatever
+  their attention output holds; no kernel mixes rows, and no step samples them.
 
 Graphs are recorded on first use, or all at start-up (`record_all`, which the engine calls unless
 `EngineConfig.capture_graphs_at_start` is off) so that no measured step pays for a capture; the
@@ -54,7 +55,9 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # decode graphs: sequences
 # Mixed graphs: tokens. Halfway steps above 256, so a step pays for at most half again its tokens.
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 MAX_PREFILL_ROWS = 32  # prompt chunks in one mixed graph
-LORA_BLOCK_M = 16  # the segment kernels' tokens per block in mixed graphs (`triton_lora.block_m_for` of their batch)
+# The segment kernels' tokens per block in mixed graphs, whatever the step (eager steps of long segments
+# take 64): the graph's work items are made for it.
+LORA_BLOCK_M = 16
 _PAST = 1 << 20  # a work item's block index past any row or segment: its program exits at once
 Key = tuple[str, int]  # ("decode", sequences) or ("mixed", tokens)
 Recorded = tuple[torch.cuda.CUDAGraph | None, ForwardBatch, torch.Tensor | None]  # graph, static batch, logits
@@ -240,8 +243,8 @@ class StepGraphs:
             rows.query_lens[num_decode:decode] = 1
         rows.copy_rows(decode, table, num_decode, n)
         rows.query_lens[decode + n - num_decode :] = 0  # padding prefill rows: no query
-        prefill = table.rows(num_decode, n, table.max_query_len, table.max_context_len)
-        self.prefill_items.fill(prefill.host_prefill_items(prefill_block_m(size, self.input_ids.device)),
+        prompts = table.parts()[1]
+        self.prefill_items.fill(prompts.host_prefill_items(prefill_block_m(size, self.input_ids.device)),
                                 self._prefill_items_size(size))
         sampled = batch.logits_indices.numel()
         self.mixed_logits[:sampled].copy_(batch.logits_indices)

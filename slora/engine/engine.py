@@ -71,7 +71,7 @@ class LLMEngine:
         self.registry = AdapterRegistry(self.model_config, config.lora.max_lora_rank)
         store = HostStore(self.model_config, self.dtype, self.device.type == "cuda", config.lora.max_cpu_adapters)
         self.residency = AdapterResidency(self.registry, store, self.pool)
-        self.scheduler = Scheduler(config.scheduler, self.pool, self.residency)
+        self.scheduler = Scheduler(config.scheduler, self.pool, self.residency, self.max_model_len)
         for name, path in config.lora.adapters.items():
             self.registry.add(name, path)
         if config.lora.lora_dir:

@@ -51,8 +51,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: UnifiedPool, residency: AdapterResidency | None = None):
+    def __init__(self, config: SchedulerConfig, pool: UnifiedPool, residency: AdapterResidency | None = None,
+                 max_model_len: int | None = None):
         self.config = config
+        self.max_model_len = max_model_len or config.max_model_len  # the context: what max_tokens=None may reach
         self.pool = pool
         self.residency = residency
         self.waiting: deque[Request] = deque()
@@ -92,7 +94,8 @@ class Scheduler:
             request = self.waiting[0]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             adapter_slots = self.residency.slots_needed(request.adapter) if request.adapter else 0
-            if self.config.admission == "reserve" and not self._peak_fits(request, adapter_slots):
+            # (Alone, a request starts whatever its bound: the pool then ends it if it outgrows the pool.)
+            if self.config.admission == "reserve" and self.running and not self._peak_fits(request, adapter_slots):
                 break
             if not self._make_room(num_tokens + adapter_slots, keep=request.adapter):
                 break
@@ -166,12 +169,21 @@ class Scheduler:
         has (its prompt, or the next token: taken now) and d_i for those it may yet generate (one a
         step); after t more steps the pool must hold
         sum over i with d_i >= t of (p_i + t), less the h_i freed by those that finished (d_i < t).
-        That is largest at t = 0 or some d_i."""
+        That is largest at t = 0 or some d_i.
+
+        A request whose prompt is not all in the pool starts generating only once it is: the step's
+        token budget goes to prompts oldest first, at least `share` tokens a step, so its last chunk
+        comes after ceil(the prompt tokens still to come of it and of those before it / share) steps.
+        Its d_i grows by that many: its end comes that much later, and its growth is counted from now
+        (more than it can be)."""
         requests = [*self.running, candidate]
         held = np.fromiter((len(r.slot_ids) for r in requests), dtype=np.int64, count=len(requests))
         prompt = np.fromiter((max(0, r.num_tokens - len(r.slot_ids)) for r in requests), dtype=np.int64,
                              count=len(requests))
         output = np.fromiter((self._output_left(r) for r in requests), dtype=np.int64, count=len(requests))
+        share = max(1, self.max_num_batched_tokens - len(requests))
+        to_come = np.maximum(prompt - 1, 0)  # prompt tokens after the one the next step may take
+        output += np.where(to_come > 0, -(-np.cumsum(to_come) // share), 0)
         order = np.argsort(output, kind="stable")
         held, prompt, output = held[order], prompt[order], output[order]
         # At t = output[k]: requests k.. are still running (sorted), requests ..k-1 have finished.
@@ -186,7 +198,7 @@ class Scheduler:
         prompt_len = len(request.prompt_token_ids)
         limit = request.params.max_tokens
         if limit is None:  # until the context is full
-            limit = (self.config.max_model_len or 1 << 30) - prompt_len
+            limit = (self.max_model_len or 1 << 30) - prompt_len
         return max(0, prompt_len + limit - 1 - request.num_tokens)
 
     def _make_room(self, num_slots: int, keep: str | None = None) -> bool:

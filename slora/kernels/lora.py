@@ -116,8 +116,8 @@ class LoRABatch:
     max_ranks: list[list[int]]  # [num_layers][num_modules], on the host: launch sizes, 0 = skip
     max_segment_len: int
     host: LoRATables | None = None  # the tables on the host (`from_lists`), which the CUDA graphs copy from
-    # The segment kernels' programs along the tokens: fixed ones (a CUDA graph's static batch: one per
-    # segment, each looping over its tokens), else made by `work_items` per block size, once per step.
+    # The segment kernels' programs along the tokens: fixed ones (a CUDA graph's static batch, filled per
+    # step), else made by `work_items` per block size, once per step.
     items: torch.Tensor | None = None
     _items: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 

@@ -37,6 +37,7 @@ class SlotTable:
     # CUDA graph's static table, whose row views keep them), else made by `prefill_items` per block size.
     items: torch.Tensor | None = None
     _items: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _parts: tuple["SlotTable | None", "SlotTable"] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, query_starts: list[int], query_lens: list[int], context_slots: list[np.ndarray | list[int]],
@@ -63,13 +64,23 @@ class SlotTable:
             host_query_lens=lens[order],
         )
 
-    def rows(self, start: int, end: int, max_query_len: int, max_context_len: int) -> "SlotTable":
+    def rows(self, start: int, end: int, max_query_len: int, max_context_len: int,
+             items: torch.Tensor | None = None) -> "SlotTable":
         """Rows `[start, end)` as a table of their own (views: nothing is copied)."""
         host = self.host_query_lens[start:end] if self.host_query_lens is not None else None
         return SlotTable(self.slots[start:end], self.context_lens[start:end], self.query_starts[start:end],
                          self.query_lens[start:end], max_query_len, max_context_len,
                          end - start if max_query_len == 1 else 0, max_context_len if max_query_len == 1 else 0,
-                         host, self.items)
+                         host, items)
+
+    def parts(self) -> tuple["SlotTable | None", "SlotTable"]:
+        """A step with prompt chunks as (its decoding rows or None, its other rows): made once per step,
+        so that every layer's prefill launch reuses the same work items."""
+        if self._parts is None:
+            num_seqs, num_decode = self.slots.shape[0], self.num_decode
+            decode = self.rows(0, num_decode, 1, self.decode_max_context_len) if num_decode else None
+            self._parts = decode, self.rows(num_decode, num_seqs, self.max_query_len, self.max_context_len, self.items)
+        return self._parts
 
     def host_prefill_items(self, block_m: int) -> np.ndarray:
         """[n, 2] int32 (row, query block): one per block of `block_m` queries of each row, so that no

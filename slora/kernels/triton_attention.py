@@ -242,11 +242,10 @@ def attend_pool(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
     if table.max_query_len == 1:
         decode(q, out, kv_layer, table, meta.scale, num_splits)
         return out
-    num_seqs, num_decode = table.slots.shape[0], table.num_decode
-    if num_decode:  # a mixed step: its decoding sequences on the decode kernel
-        decode(q, out, kv_layer, table.rows(0, num_decode, 1, table.decode_max_context_len), meta.scale, num_splits)
-        table = table.rows(num_decode, num_seqs, table.max_query_len, table.max_context_len)
-    prefill(q, out, kv_layer, table, meta.scale)
+    decoding, prompts = table.parts()
+    if decoding is not None:  # a mixed step: its decoding sequences on the decode kernel
+        decode(q, out, kv_layer, decoding, meta.scale, num_splits)
+    prefill(q, out, kv_layer, prompts, meta.scale)
     return out
 
 

@@ -128,9 +128,19 @@ def test_mixed_launches_do_not_depend_on_the_batch(model_and_adapters, device, m
     assert launches[0] == launches[1]
 
 
-def test_graph_path_under_preemption(model_and_adapters, device):
+def test_graph_path_under_preemption(model_and_adapters, device, monkeypatch):
     """A pool too small for the whole batch: sequences are preempted, recomputed and rejoin the decode
-    batches (other rows, other buckets); the tokens are still the reference's."""
+    batches (other rows, other buckets), their recomputation running in mixed graphs beside decoding
+    rows; the tokens are still the reference's."""
+    mixed_with_decoding = []
+    original = StepGraphs.run
+
+    def run(self, batch, key):
+        if key[0] == "mixed" and batch.attention.slot_table.num_decode:
+            mixed_with_decoding.append(key)
+        return original(self, batch, key)
+
+    monkeypatch.setattr(StepGraphs, "run", run)
     folder, adapters = model_and_adapters
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outputs = {}
@@ -140,6 +150,7 @@ def test_graph_path_under_preemption(model_and_adapters, device):
         outputs[backend] = [o.token_ids for o in llm.generate(PROMPTS, params, NAMES)]
         assert llm.engine.scheduler.num_preemptions > 0
     assert outputs["triton"] == outputs["torch"]
+    assert mixed_with_decoding
 
 
 def test_graph_path_keeps_the_chosen_lora_form(model_and_adapters, device):
