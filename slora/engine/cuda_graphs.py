@@ -22,7 +22,7 @@ Two kinds of graphs, each with and without LoRA (per Triton LoRA form):
   one scratch slot of the pool that no request owns).
 - mixed (any step with a prompt chunk, prefill alone included): T tokens run the graph of the
   smallest token bucket >= T (up to `max_tokens`, the step's token budget). Its slot table has
-  `max_batch` decode rows (the decode kernel) then `MAX_PREFILL_ROWS` prefill rows (the prefill
+  `max_batch` decode rows (the decode kernel) then `prefill_rows` prefill rows (the prefill
   kernel, whose work items are (row, query block)); padding decode rows attend to the scratch slot
   from one padding token past the bucket's, padding prefill rows have no query. A step with more
   prompt chunks runs eagerly. Padding tokens past T that no row attends from compute on whatever
@@ -54,7 +54,7 @@ logger = logging.getLogger("slora.engine")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # decode graphs: sequences
 # Mixed graphs: tokens. Halfway steps above 256, so a step pays for at most half again its tokens.
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
-MAX_PREFILL_ROWS = 32  # prompt chunks in one mixed graph
+MAX_PREFILL_ROWS = 32  # prompt chunks in one mixed graph (no more than max_batch)
 # The segment kernels' tokens per block in mixed graphs, whatever the step (eager steps of long segments
 # take 64): the graph's work items are made for it.
 LORA_BLOCK_M = 16
@@ -139,7 +139,8 @@ class StepGraphs:
                               if limits.max_tokens else ())
         device = kv_cache[0].device
         # Mixed rows: `max_batch` decode rows, then the prefill rows; their tokens end with one padding token.
-        self.mixed_rows = limits.max_batch + MAX_PREFILL_ROWS
+        self.prefill_rows = min(MAX_PREFILL_ROWS, limits.max_batch)
+        self.mixed_rows = limits.max_batch + self.prefill_rows
         n = max(limits.max_batch, limits.max_tokens + 1)  # tokens of the largest graph
         int64 = torch.int64
         self.input_ids, self.positions = torch.zeros(n, dtype=int64, device=device), torch.zeros(n, dtype=int64,
@@ -155,7 +156,7 @@ class StepGraphs:
             # token 0, the one token every graph has, and the prefill rows have none.
             self.rows.query_starts.zero_()
             self.rows.query_lens[limits.max_batch :] = 0
-            self.prefill_items = StaticItems(limits.max_tokens // 16 + MAX_PREFILL_ROWS, device)
+            self.prefill_items = StaticItems(self._prefill_items_size(limits.max_tokens), device)
             self.lora_items = StaticItems(limits.max_tokens // LORA_BLOCK_M + self.mixed_rows, device)
         modules, layers, on_cuda = len(MODULES), limits.num_layers, device.type == "cuda"
         # The LoRA tables: filled on the host (pinned) and copied into one device buffer per step.
@@ -185,7 +186,7 @@ class StepGraphs:
         if table.max_query_len == 1:
             size = next((b for b in self.buckets if b >= num_seqs), None)
             return None if size is None or num_seqs != num_tokens else ("decode", size)
-        if num_seqs - table.num_decode > MAX_PREFILL_ROWS or table.num_decode > self.limits.max_batch:
+        if num_seqs - table.num_decode > self.prefill_rows or table.num_decode > self.limits.max_batch:
             return None
         size = next((b for b in self.token_buckets if b >= num_tokens), None)
         return None if size is None else ("mixed", size)
@@ -280,10 +281,9 @@ class StepGraphs:
             self._lora_copied.record()
 
     # --- sizes of a mixed graph -------------------------------------------------------------------
-    @staticmethod
-    def _prefill_items_size(size: int) -> int:
+    def _prefill_items_size(self, size: int) -> int:
         """Prefill work items of a graph of `size` tokens: at most one per 16 queries plus one per row."""
-        return size // 16 + MAX_PREFILL_ROWS
+        return size // 16 + self.prefill_rows
 
     def _lora_items_size(self, size: int) -> int:
         return size // LORA_BLOCK_M + self.mixed_rows
