@@ -90,12 +90,14 @@ class Scheduler:
             self._grant(batch, request, num_tokens)
             budget -= num_tokens
             index += 1
+        # The running requests' needs (reserve admission), made once per step and extended as requests start.
+        needs = [self._need(r) for r in self.running] if self.config.admission == "reserve" else None
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             adapter_slots = self.residency.slots_needed(request.adapter) if request.adapter else 0
             # (Alone, a request starts whatever its bound: the pool then ends it if it outgrows the pool.)
-            if self.config.admission == "reserve" and self.running and not self._peak_fits(request, adapter_slots):
+            if needs is not None and self.running and not self._peak_fits(needs, request, adapter_slots):
                 break
             if not self._make_room(num_tokens + adapter_slots, keep=request.adapter):
                 break
@@ -111,6 +113,8 @@ class Scheduler:
             self.running.append(request)
             self._grant(batch, request, num_tokens)
             budget -= num_tokens
+            if needs is not None:
+                needs.append(self._need(request))
         return batch
 
     def back_off(self, batch: ScheduledBatch) -> list[Request]:
@@ -163,7 +167,12 @@ class Scheduler:
                 break
         return names
 
-    def _peak_fits(self, candidate: Request, adapter_slots: int) -> bool:
+    def _need(self, request: Request) -> tuple[int, int, int]:
+        """(slots held, tokens it has that still need slots, tokens it may yet generate): see `_peak_fits`."""
+        held = len(request.slot_ids)
+        return held, max(0, request.num_tokens - held), self._output_left(request)
+
+    def _peak_fits(self, needs: list[tuple[int, int, int]], candidate: Request, adapter_slots: int) -> bool:
         """Whether the running requests and `candidate` all reach their last token without running out
         of slots (S-LoRA's admission). Request i holds h_i slots and still needs p_i for the tokens it
         has (its prompt, or the next token: taken now) and d_i for those it may yet generate (one a
@@ -176,12 +185,8 @@ class Scheduler:
         comes after ceil(the prompt tokens still to come of it and of those before it / share) steps.
         Its d_i grows by that many: its end comes that much later, and its growth is counted from now
         (more than it can be)."""
-        requests = [*self.running, candidate]
-        held = np.fromiter((len(r.slot_ids) for r in requests), dtype=np.int64, count=len(requests))
-        prompt = np.fromiter((max(0, r.num_tokens - len(r.slot_ids)) for r in requests), dtype=np.int64,
-                             count=len(requests))
-        output = np.fromiter((self._output_left(r) for r in requests), dtype=np.int64, count=len(requests))
-        share = max(1, self.max_num_batched_tokens - len(requests))
+        held, prompt, output = np.array([*needs, self._need(candidate)], dtype=np.int64).T
+        share = max(1, self.max_num_batched_tokens - len(held))
         to_come = np.maximum(prompt - 1, 0)  # prompt tokens after the one the next step may take
         output += np.where(to_come > 0, -(-np.cumsum(to_come) // share), 0)
         order = np.argsort(output, kind="stable")
