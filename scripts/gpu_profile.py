@@ -5,8 +5,10 @@
 
 For base-only and slora (adapters of ranks {8, 16, 32, 64} on q/k/v/o, one distinct adapter per
 sequence), each with decode steps as CUDA graphs and without (eager), fills the engine with `--batch` sequences, then over pure decode steps at that batch:
-- times each host phase (schedule, building the batch tensors, issuing the forward pass, sampling,
-  which waits for the GPU) with `time.perf_counter`, and the step end to end;
+- times each host phase (schedule, building the batch tensors, issuing the forward pass, waiting
+  for the last step's tokens and appending them, issuing this step's sampling) with
+  `time.perf_counter`, and the step end to end (steps overlap: the host issues a step while the GPU
+  computes the one before, so the wait is where the host idles);
 - records three steps with `torch.profiler`: the GPU's busy time per step (the sum of its kernels'
   durations) against the step's wall time (the difference is the GPU waiting for the host), the
   kernels by GPU time, and the host ops by CPU time.
@@ -88,7 +90,8 @@ def profile_system(session: BenchSession, system: str, num_adapters: int, batch:
     timer.wrap(engine.model, "forward", "issue forward pass")
     if engine.graphs is not None:  # a replayed step does not call forward
         timer.wrap(engine.graphs, "run", "issue forward pass")
-    timer.wrap(engine, "_append_tokens", "sample + wait for GPU + append")
+    timer.wrap(engine, "_append_sampled", "wait for last step's tokens + append")
+    timer.wrap(engine, "_launch_sampling", "issue sampling")
     original_step = engine.step
     state = {"decode_steps": 0, "profiler": None, "done": False}
 
@@ -99,9 +102,7 @@ def profile_system(session: BenchSession, system: str, num_adapters: int, batch:
             state["profiler"] = profile(activities=ACTIVITIES)
             state["profiler"].start()
         start = time.perf_counter()
-        outputs = original_step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        outputs = original_step()  # steps overlap: a step's wall time is the period at which they complete
         if full:
             timer.end_step(time.perf_counter() - start)
             state["decode_steps"] += 1
@@ -171,7 +172,8 @@ def profile_workload(session: BenchSession, system: str, num_adapters: int, num_
     current.wrap(engine.model, "forward", "issue forward pass")
     if engine.graphs is not None:
         current.wrap(engine.graphs, "run", "issue forward pass")
-    current.wrap(engine, "_append_tokens", "sample + wait for GPU + append")
+    current.wrap(engine, "_append_sampled", "wait for last step's tokens + append")
+    current.wrap(engine, "_launch_sampling", "issue sampling")
     original_step = engine.step
     kinds: list[tuple[str, float, int]] = []  # (kind, wall s, sequences) of every step
     profiles: list = []
@@ -185,9 +187,7 @@ def profile_workload(session: BenchSession, system: str, num_adapters: int, num_
             profiler = profile(activities=ACTIVITIES)
             profiler.start()
         start = time.perf_counter()
-        outputs = original_step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        outputs = original_step()  # steps overlap: a step's wall time is the period at which they complete
         wall = time.perf_counter() - start
         record = driver_steps[-1]
         kind = step_kind(record)

@@ -3,9 +3,10 @@
 Offline, every request is added at once and the engine runs until all are done (throughput).
 Online, the driver owns the clock: it adds each request when its arrival time has passed, steps
 the engine while it has work, and sleeps until the next arrival when it has none. Each step is
-timed (with a device synchronisation on CUDA) and its composition (sequences, prefill and decode
-tokens, K/V read, distinct adapters) is read from the scheduler's batch, by wrapping the engine's
-`scheduler.schedule` for the run, for the roofline.
+timed: the wall time of the engine call that issues it, which waits for the step before it (the
+engine overlaps steps, so that is the period at which steps complete). Its composition (sequences,
+prefill and decode tokens, K/V read, distinct adapters) is read from the scheduler's batch, by
+wrapping the engine's `scheduler.schedule` for the run, for the roofline.
 
 A `Gate` decides which arrived requests enter the engine and under which adapter name; the
 default admits all of them as they are (merged-swap uses its own, see `merged_swap.py`).
@@ -17,7 +18,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
 from tqdm import tqdm
 
 from slora.bench.metrics import RequestRecord, StepRecord
@@ -50,7 +50,6 @@ class EngineDriver:
         self.progress = progress
         self.desc = desc
         self.vocab_size = engine.model_config.vocab_size
-        self.cuda = engine.device.type == "cuda"
 
     # --- one run ---------------------------------------------------------------------------------
     def run(self, requests: list[BenchRequest], online: bool, time_limit: float | None = None,
@@ -122,9 +121,7 @@ class EngineDriver:
 
     def _step(self, start: float, steps: list[StepRecord], records: dict, in_engine: set[int], bar) -> None:
         begin = time.perf_counter()
-        outputs = self.engine.step()
-        if self.cuda:
-            torch.cuda.synchronize(self.engine.device)
+        outputs = self.engine.step()  # no device synchronisation: the engine overlaps steps
         end = time.perf_counter()
         if steps and steps[-1].duration < 0:  # the composition recorded by the wrapped scheduler
             steps[-1].start, steps[-1].duration = begin - start, end - begin

@@ -5,15 +5,27 @@ This is the only place that knows both a request's state and the tensors' layout
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from slora.config import ABLATION_KERNELS, BACKENDS, triton_lora_form
+from slora.engine.request import Request
 from slora.engine.scheduler import ScheduledBatch
 from slora.kernels.lora import AdapterTokens, LoRABatch, TorchLoRA
 from slora.kernels.lora_ablations import PaddedBmmLoRA
-from slora.kernels.metadata import AttentionMetadata, ForwardBatch, LoRADelta, SlotTable
+from slora.kernels.metadata import AttentionMetadata, ForwardBatch, LoRADelta, SlotTable, to_device
 from slora.lora.residency import AdapterResidency
+
+
+@dataclass
+class PendingTokens:
+    """The last step's sampled tokens, still on the device: request -> its row of `token_ids`."""
+
+    rows: dict[Request, int]
+    token_ids: torch.Tensor  # [num_sampled] int64 on the device
+
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The kernels to run: `backend` when given, else Triton on CUDA and the torch reference elsewhere."""
@@ -32,11 +44,15 @@ def build_forward_batch(
     residency: AdapterResidency | None = None,
     backend: str | None = None,
     lora_kernel: str = "auto",
+    pending: PendingTokens | None = None,
 ) -> tuple[ForwardBatch, list[int]]:
     """Returns the batch and the positions in `scheduled.requests` of the requests that sample.
 
     `backend` None means Triton on CUDA and torch elsewhere; Triton also gets the step's slots as
     one padded table and its LoRA metadata as flat tensors, both built here once for all layers.
+    A request's token that is not on the host yet (`Request.pending_tokens`) is read from `pending`
+    on the device. Every host table reaches the device without waiting for it (pinned copies), so
+    this can run while the last step still computes.
     """
     device = torch.device(device)
     backend = resolve_backend(backend, device)
@@ -47,6 +63,8 @@ def build_forward_batch(
     context_slots: list[np.ndarray] = []
     logits_indices: list[int] = []
     sampling: list[int] = []
+    pending_positions: list[int] = []  # flat positions of tokens that `pending` holds, and their rows there
+    pending_rows: list[int] = []
     adapter_tokens: dict[str, list[int]] = {}
     for i, (request, num_new) in enumerate(zip(scheduled.requests, scheduled.num_new_tokens)):
         start = request.num_computed_tokens
@@ -54,23 +72,31 @@ def build_forward_batch(
         query_starts.append(len(input_ids))
         if request.adapter is not None:
             adapter_tokens.setdefault(request.adapter, []).extend(range(len(input_ids), len(input_ids) + num_new))
-        input_ids.extend(request.token_ids_between(start, end))
+        known = min(end, request.num_known_tokens)
+        input_ids.extend(request.token_ids_between(start, known))
+        if known < end:  # the token sampled last step: a placeholder here, filled from the device below
+            pending_positions.append(len(input_ids))
+            pending_rows.append(pending.rows[request])
+            input_ids.append(0)
         positions.extend(range(start, end))
         new_slots.append(request.slot_ids.view(start, end))
         context_slots.append(request.slot_ids.view(0, end))
         if end == request.num_tokens:  # the whole sequence is in the pool: its next token is due
             logits_indices.append(len(input_ids) - 1)
             sampling.append(i)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+    as_tensor = lambda values: to_device(np.asarray(values, dtype=np.int64), device)  # noqa: E731
     if backend == "triton":  # one padded table, which is all the Triton kernels read
         slot_table = SlotTable.build(query_starts, list(scheduled.num_new_tokens), context_slots, device)
         sequence_slots = None
     else:
         slot_table = None
-        sequence_slots = [torch.from_numpy(slots.astype(np.int64)).to(device) for slots in context_slots]
+        sequence_slots = [to_device(slots.astype(np.int64), device) for slots in context_slots]
     slot_mapping = np.concatenate(new_slots) if new_slots else np.zeros(0, dtype=np.int32)
+    tokens = as_tensor(input_ids)
+    if pending_positions:
+        tokens[as_tensor(pending_positions)] = pending.token_ids[as_tensor(pending_rows)]
     attention = AttentionMetadata(
-        slot_mapping=torch.from_numpy(slot_mapping.astype(np.int64)).to(device),
+        slot_mapping=as_tensor(slot_mapping),
         query_starts=query_starts,
         query_lens=list(scheduled.num_new_tokens),
         context_slots=sequence_slots,
@@ -78,7 +104,7 @@ def build_forward_batch(
         slot_table=slot_table,
     )
     batch = ForwardBatch(
-        input_ids=as_tensor(input_ids),
+        input_ids=tokens,
         positions=as_tensor(positions),
         logits_indices=as_tensor(logits_indices),
         attention=attention,

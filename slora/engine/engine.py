@@ -3,6 +3,16 @@
 One `step()` schedules a batch (continuous batching), runs the model once over it, samples the
 next token of every request whose sequence is complete in the pool, and reports what changed.
 Requests are validated on arrival, so that one bad prompt fails alone and never enters a batch.
+
+Steps overlap: the host prepares and issues step n+1 while the device still computes step n. A
+step's sampled tokens stay on the device (`Request.pending_tokens`); the next step is scheduled as
+if each of them were known and reads them on the device, and only then does the engine wait for
+step n's tokens and append them (stop tokens, stop strings, reporting). Nothing on that path waits
+for the device before the wait for the tokens (every host table goes through pinned memory), so
+the device runs step n+1 right after step n instead of idling while the host schedules. What this
+costs: a request that samples a stop token (or is aborted) has already been scheduled once more;
+that token's work is thrown away. A request's last token by max_tokens or the context is known in
+advance and never scheduled again.
 """
 
 from __future__ import annotations
@@ -11,14 +21,16 @@ import itertools
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from slora.config import ABLATION_KERNELS, EngineConfig, triton_lora_form
-from slora.engine.batch import build_forward_batch, resolve_backend
+from slora.engine.batch import PendingTokens, build_forward_batch, resolve_backend
 from slora.engine.cuda_graphs import GraphLimits, StepGraphs
 from slora.engine.detokenizer import IncrementalDetokenizer
 from slora.engine.request import CompletionOutput, Request, RequestOutput
-from slora.engine.sampler import SampleInput, SampleResult, sample
+from slora.kernels.metadata import to_device
+from slora.engine.sampler import SampledTokens, SampleInput, SampleResult, launch
 from slora.engine.sampling_params import SamplingParams
 from slora.engine.scheduler import ScheduledBatch, Scheduler
 from slora.lora.registry import AdapterRegistry, UnknownAdapterError
@@ -44,6 +56,22 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
+
+
+@dataclass
+class _SampledStep:
+    """A step's sampled tokens on their way to the host: row i of the parts, in order, is `requests[i]`'s
+    token (one part, or one per request where the batch had to be sampled row by row)."""
+
+    requests: list[Request]
+    parts: list[SampledTokens]
+
+    def pending(self) -> PendingTokens:
+        ids = [part.token_ids for part in self.parts]
+        return PendingTokens({r: i for i, r in enumerate(self.requests)}, ids[0] if len(ids) == 1 else torch.cat(ids))
+
+    def results(self) -> list[SampleResult]:
+        return [result for part in self.parts for result in part.results()]
 
 
 @dataclass
@@ -79,6 +107,7 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._ids = itertools.count()
         self.num_steps = 0  # steps that ran a forward pass
+        self._sampled: _SampledStep | None = None  # the last step's tokens, not yet read back
         # The Triton LoRA kernels' form, or None where steps do not run them (torch backend, ablations).
         uses_triton = resolve_backend(config.backend, self.device) == "triton"
         self.triton_lora_form = triton_lora_form(config.lora_kernel) \
@@ -206,40 +235,48 @@ class LLMEngine:
                 self.scheduler.finish(member, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished()  # a request whose token is pending is still running (or waiting)
 
     # --- one iteration ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration. A failure inside it fails the requests it concerns, never the engine: an
-        adapter that cannot be loaded fails its request; a failed forward pass fails its batch; a
-        failure while sampling, detokenizing or reporting one request fails that request (and its
-        n-siblings) alone. Failed requests finish with reason "error", their slots freed."""
+        """One iteration: issue this step's forward pass, then read back and append the last step's
+        tokens, then issue this step's sampling (see the module docstring). A failure inside it fails
+        the requests it concerns, never the engine: an adapter that cannot be loaded fails its
+        request; a failed forward pass fails its batch; a failure while sampling, detokenizing or
+        reporting one request fails that request (and its n-siblings) alone. Failed requests finish
+        with reason "error", their slots freed."""
         scheduled = self.scheduler.schedule()
         touched = {r.group_id for r in scheduled.preempted}
         for request in scheduled.failed:
             touched.add(request.group_id)
             self._fail_group(request.group_id, request.error or "the request could not be scheduled")
+        launched = None
         try:
-            self._run_batch(scheduled, touched)
+            launched = self._run_batch(scheduled, touched)
         except Exception as error:  # the batch as a whole (batch tensors or forward pass) failed
             logger.exception("the forward pass failed; failing the %d requests of its batch", len(scheduled))
             for group_id in {r.group_id for r in scheduled.requests}:
                 touched.add(group_id)
                 self._fail_group(group_id, f"the forward pass failed: {type(error).__name__}: {error}")
+        self._append_sampled(touched)
+        if launched is not None:
+            self._launch_sampling(*launched)
         outputs = [self._report(self._groups[g]) for g in touched if g in self._groups]
         for output in outputs:
             if output.finished:  # reported for the last time: forget it
                 del self._groups[output.request_id]
         return outputs
 
-    def _run_batch(self, scheduled: ScheduledBatch, touched: set[str]) -> None:
+    def _run_batch(self, scheduled: ScheduledBatch, touched: set[str]) -> tuple[list[Request], torch.Tensor] | None:
+        """Issue the step's forward pass; returns the requests that sample and their logits (None if none)."""
         if not scheduled.requests:
-            return
+            return None
         logits = None
+        pending = self._sampled.pending() if self._sampled is not None else None
         try:
             batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.model_config.head_dim,
                                                   self.device, self.residency, self.config.backend,
-                                                  self.config.lora_kernel)
+                                                  self.config.lora_kernel, pending)
             graph = self.graphs.bucket(batch) if self.graphs is not None else None
             logits = self.model(batch) if graph is None else self.graphs.run(batch, graph)
         except torch.OutOfMemoryError:
@@ -247,15 +284,14 @@ class LLMEngine:
                 raise
         if logits is None:  # out of device memory; handled outside `except`, whose traceback holds the pass's tensors
             self._back_off(scheduled, touched)
-            return
+            return None
         self.num_steps += 1
         self.scheduler.step_succeeded()
         self._prefetch_adapters()  # while the GPU computes the step just launched
         for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):
             request.num_computed_tokens += num_new
             touched.add(request.group_id)
-        sampled = [scheduled.requests[i] for i in sampling]
-        self._append_tokens(sampled, logits)
+        return [scheduled.requests[i] for i in sampling], logits
 
     def _back_off(self, scheduled: ScheduledBatch, touched: set[str]) -> None:
         """The forward pass ran out of device memory, so nothing of the step was computed: undo it and
@@ -281,26 +317,59 @@ class LLMEngine:
                 logger.warning("prefetching adapter %r failed; its requests will fail at admission", name,
                                exc_info=True)
 
-    def _append_tokens(self, requests: list[Request], logits: torch.Tensor) -> None:
+    def _launch_sampling(self, requests: list[Request], logits: torch.Tensor) -> None:
+        """Issue the sampling of this step's tokens (after the last step's are appended: penalties and
+        min_tokens see them) for the requests still running; their tokens stay pending on the device."""
+        live = [i for i, r in enumerate(requests) if not r.is_finished]
+        if not live:
+            return
+        if len(live) < len(requests):  # some finished with the last step's tokens: their rows are dropped
+            requests = [requests[i] for i in live]
+            logits = logits[to_device(np.asarray(live, dtype=np.int64), logits.device)]
         inputs = [SampleInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in requests]
         try:
-            results = sample(logits, inputs, self.model_config.eos_token_ids)
+            parts = [launch(logits, inputs, self.model_config.eos_token_ids)]
         except Exception:  # one row broke the batched sampler: sample each row alone to find it
-            results = [self._sample_alone(r, logits[i : i + 1], inputs[i]) for i, r in enumerate(requests)]
-        for request, result in zip(requests, results):
-            if result is None or request.is_finished:  # failed, or failed with a sibling
+            alone = [(r, self._launch_alone(r, logits[i : i + 1], inputs[i])) for i, r in enumerate(requests)]
+            requests, parts = [r for r, t in alone if t is not None], [t for _, t in alone if t is not None]
+            if not parts:
+                return
+        for request in requests:
+            request.pending_tokens = 1
+            request.last_token_pending = self._ends_after_next_token(request)
+        self._sampled = _SampledStep(requests, parts)
+
+    def _launch_alone(self, request: Request, logits: torch.Tensor, row: SampleInput) -> SampledTokens | None:
+        try:
+            return launch(logits, [row], self.model_config.eos_token_ids)
+        except Exception as error:
+            self._fail_request(request, "sampling", error)
+            return None
+
+    def _append_sampled(self, touched: set[str]) -> None:
+        """Wait for the last step's tokens and append them to their requests (unless those finished or
+        failed meanwhile); a request whose token cannot be processed fails alone."""
+        sampled, self._sampled = self._sampled, None
+        if sampled is None:
+            return
+        for request in sampled.requests:
+            request.pending_tokens, request.last_token_pending = 0, False
+        try:
+            results = sampled.results()
+        except Exception as error:
+            for request in sampled.requests:
+                touched.add(request.group_id)
+                if not request.is_finished:
+                    self._fail_request(request, "reading its sampled token", error)
+            return
+        for request, result in zip(sampled.requests, results):
+            touched.add(request.group_id)
+            if request.is_finished:  # aborted, or failed with a sibling
                 continue
             try:
                 self._append_token(request, result)
             except Exception as error:
                 self._fail_request(request, "processing its new token", error)
-
-    def _sample_alone(self, request: Request, logits: torch.Tensor, row: SampleInput) -> SampleResult | None:
-        try:
-            return sample(logits, [row], self.model_config.eos_token_ids)[0]
-        except Exception as error:
-            self._fail_request(request, "sampling", error)
-            return None
 
     def _append_token(self, request: Request, result: SampleResult) -> None:
         token = result.token_id
@@ -340,6 +409,13 @@ class LLMEngine:
         stops = token in (params.stop_token_ids or ()) or (
             not params.ignore_eos and token in self.model_config.eos_token_ids)
         return stops and len(request.output_token_ids) > params.min_tokens
+
+    def _ends_after_next_token(self, request: Request) -> bool:
+        """Whether the request ends once its next token is appended, whatever that token is (its
+        max_tokens or the context); `num_tokens` counts that token already."""
+        limit = request.params.max_tokens
+        return (limit is not None and len(request.output_token_ids) + 1 >= limit) \
+            or request.num_tokens >= self.max_model_len
 
     def _limit_reason(self, request: Request) -> str | None:
         """Why a request that did not sample a stop token ends now, if it does."""

@@ -75,13 +75,24 @@ class Request:
     error: str | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
+    # A token sampled on the device that the engine has not read back yet (`engine.py`: steps overlap):
+    # it counts in `num_tokens` and the next step feeds it from the device; `last_token_pending` says
+    # that it ends the request whatever it is (max_tokens or the context), so no step is scheduled for it.
+    pending_tokens: int = 0
+    last_token_pending: bool = False
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens on the host (all but the pending one)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_ids_between(self, start: int, end: int) -> list[int]:
-        """Tokens `[start, end)` of prompt + output, without copying the whole sequence."""
+        """Tokens `[start, end)` of prompt + output (on the host: `end <= num_known_tokens`), without
+        copying the whole sequence."""
         split = len(self.prompt_token_ids)
         if end <= split:
             return self.prompt_token_ids[start:end]

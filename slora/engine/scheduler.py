@@ -2,6 +2,8 @@
 
 Each step has a token budget (`max_num_batched_tokens`). Running requests go first, oldest first:
 a decoding request takes one token, a request still prefilling takes the next chunk of its prompt.
+A token the device is still sampling counts as known (`Request.pending_tokens`: the engine overlaps
+steps), except that a request whose pending token is its last takes no step.
 When the pool has no slot left for a running request, the newest running request is preempted:
 its slots are freed and it goes back to the front of the queue, to be recomputed later (its tokens
 so far become its prompt again, so the output does not change). Waiting requests are admitted in
@@ -77,6 +79,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.last_token_pending:  # it ends with the token the device is sampling: nothing to run
+                index += 1
+                continue
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self._make_room(num_tokens) and self.running[-1] is not request:
                 batch.preempted.append(self._preempt(self.running.pop()))
@@ -184,11 +189,14 @@ class Scheduler:
         token budget goes to prompts oldest first, at least `share` tokens a step, so its last chunk
         comes after ceil(the prompt tokens still to come of it and of those before it / share) steps.
         Its d_i grows by that many: its end comes that much later, and its growth is counted from now
-        (more than it can be)."""
+        (more than it can be). Every d_i also counts one step more: see below."""
         held, prompt, output = np.array([*needs, self._need(candidate)], dtype=np.int64).T
         share = max(1, self.max_num_batched_tokens - len(held))
         to_come = np.maximum(prompt - 1, 0)  # prompt tokens after the one the next step may take
         output += np.where(to_come > 0, -(-np.cumsum(to_come) // share), 0)
+        # A request's slots are freed one step after its last token is issued (the engine reads that
+        # token back while the next step is scheduled): counted as one more step of growth.
+        output += 1
         order = np.argsort(output, kind="stable")
         held, prompt, output = held[order], prompt[order], output[order]
         # At t = output[k]: requests k.. are still running (sorted), requests ..k-1 have finished.

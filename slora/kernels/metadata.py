@@ -51,7 +51,7 @@ class SlotTable:
         for row, index in zip(padded, order):
             row[: context_lens[index]] = context_slots[index]
         num_decode = int((lens == 1).sum())
-        as_int32 = lambda values: torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32)).to(device)  # noqa: E731
+        as_int32 = lambda values: to_device(np.ascontiguousarray(values, dtype=np.int32), torch.device(device))  # noqa: E731
         return cls(
             slots=as_int32(padded),
             context_lens=as_int32(context_lens[order]),

@@ -181,11 +181,15 @@ class AdapterResidency:
         device = self.pool.layers[0].device
         slots = np.asarray(slot_ids, dtype=np.int64)
         host_row_table = np.stack((2 * slots, 2 * slots + 1), axis=1).ravel()[: host.layout.num_rows]
-        # The slots are free, so no kernel in flight reads them; the engine synchronises every step,
-        # so nothing the copy stream allocates is freed while the compute stream may still read it.
+        # The slots are free now, but steps overlap (engine.py): one still in flight may read or write
+        # slots freed since it was issued (a request that finished or was preempted meanwhile). So the
+        # copies wait for the compute work issued so far; a prefetch still overlaps the next step.
         stream = self._copy_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            row_table = torch.from_numpy(host_row_table).to(device)
+            table = torch.from_numpy(host_row_table)
+            row_table = (table.pin_memory() if stream is not None else table).to(device, non_blocking=True)
             for layer in range(len(self.pool.layers)):
                 self.pool.rows(layer)[row_table] = host.rows[layer].to(device, non_blocking=True)
         adapter = ResidentAdapter(name, host.layout, slot_ids, row_table, spec.layer_ranks, spec.layer_scalings,

@@ -43,14 +43,14 @@ def poisoned(prompt_ids: list[int]) -> bool:
 def inject(kind: str, monkeypatch) -> str:
     """Make one stage fail for the poisoned prompt only; returns the message the failure must carry."""
     if kind == "sampler":
-        real = engine_module.sample
+        real = engine_module.launch
 
-        def sample(logits, inputs, eos_token_ids=()):
+        def launch(logits, inputs, eos_token_ids=()):
             if any(poisoned(row.prompt_token_ids) for row in inputs):
                 raise RuntimeError("injected sampler fault")
             return real(logits, inputs, eos_token_ids)
 
-        monkeypatch.setattr(engine_module, "sample", sample)
+        monkeypatch.setattr(engine_module, "launch", launch)
     elif kind == "detokenizer":
         real_add = IncrementalDetokenizer.add
 
