@@ -10,7 +10,7 @@ Run on a CUDA machine (torch + triton; pytest optional; no fastapi/gguf needed).
   pool rows and slots, fp16/bf16/fp32, GQA 1/4/8, decode contexts up to 16k with and without splits;
 - pytest.txt: `pytest tests/kernels` run compiled on the GPU (TRITON_INTERPRET unset);
 - bench-<shape>/kernels.json and kernels.md: `slora bench kernels --sweep` for each shape (the
-  commit comes from `git rev-parse`, else $SLORA_COMMIT).
+  commit is $SLORA_COMMIT when set, else `git rev-parse`).
 Prints a compact pass/fail table; exits 1 if any check failed.
 """
 
