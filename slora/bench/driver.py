@@ -125,6 +125,8 @@ class EngineDriver:
         end = time.perf_counter()
         if steps and steps[-1].duration < 0:  # the composition recorded by the wrapped scheduler
             steps[-1].start, steps[-1].duration = begin - start, end - begin
+            if steps[-1].num_seqs == 0:  # it only read the last step's tokens back: no step of its own
+                steps.pop()
         now = end - start
         for output in outputs:
             index = int(output.request_id.removeprefix("bench-"))

@@ -127,6 +127,6 @@ def _lora_op(adapter_tokens: dict[str, list[int]], kv_cache: list[torch.Tensor],
         from slora.kernels.triton_lora import TritonLoRA  # Triton only where it is asked for
 
         return TritonLoRA(kv_cache, lora_batch, form=triton_lora_form(lora_kernel))
-    groups = [AdapterTokens(adapter, torch.tensor(tokens, dtype=torch.int64, device=device))
+    groups = [AdapterTokens(adapter, to_device(np.asarray(tokens, dtype=np.int64), device))
               for adapter, tokens in zip(adapters, adapter_tokens.values())]
     return TorchLoRA(kv_cache, groups)

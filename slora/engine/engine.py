@@ -29,10 +29,10 @@ from slora.engine.batch import PendingTokens, build_forward_batch, resolve_backe
 from slora.engine.cuda_graphs import GraphLimits, StepGraphs
 from slora.engine.detokenizer import IncrementalDetokenizer
 from slora.engine.request import CompletionOutput, Request, RequestOutput
-from slora.kernels.metadata import to_device
 from slora.engine.sampler import SampledTokens, SampleInput, SampleResult, launch
 from slora.engine.sampling_params import SamplingParams
 from slora.engine.scheduler import ScheduledBatch, Scheduler
+from slora.kernels.metadata import to_device
 from slora.lora.registry import AdapterRegistry, UnknownAdapterError
 from slora.lora.residency import AdapterResidency
 from slora.lora.store import HostStore
@@ -246,20 +246,22 @@ class LLMEngine:
         reporting one request fails that request (and its n-siblings) alone. Failed requests finish
         with reason "error", their slots freed."""
         scheduled = self.scheduler.schedule()
-        touched = {r.group_id for r in scheduled.preempted}
+        touched = {r.group_id for r in scheduled.preempted + scheduled.finished}
         for request in scheduled.failed:
             touched.add(request.group_id)
             self._fail_group(request.group_id, request.error or "the request could not be scheduled")
-        launched = None
+        launched, failure = None, None
         try:
             launched = self._run_batch(scheduled, touched)
         except Exception as error:  # the batch as a whole (batch tensors or forward pass) failed
             logger.exception("the forward pass failed; failing the %d requests of its batch", len(scheduled))
+            failure = error
+        self._append_sampled(touched)  # before a failure ends them: their last step's tokens are theirs
+        if failure is not None:
             for group_id in {r.group_id for r in scheduled.requests}:
                 touched.add(group_id)
-                self._fail_group(group_id, f"the forward pass failed: {type(error).__name__}: {error}")
-        self._append_sampled(touched)
-        if launched is not None:
+                self._fail_group(group_id, f"the forward pass failed: {type(failure).__name__}: {failure}")
+        elif launched is not None:
             self._launch_sampling(*launched)
         outputs = [self._report(self._groups[g]) for g in touched if g in self._groups]
         for output in outputs:
@@ -278,6 +280,7 @@ class LLMEngine:
                                                   self.device, self.residency, self.config.backend,
                                                   self.config.lora_kernel, pending)
             graph = self.graphs.bucket(batch) if self.graphs is not None else None
+            self.residency.mark_step_issued()
             logits = self.model(batch) if graph is None else self.graphs.run(batch, graph)
         except torch.OutOfMemoryError:
             if sum(scheduled.num_new_tokens) == 1:  # nothing smaller to try: the request fails (in `step`)
@@ -287,7 +290,7 @@ class LLMEngine:
             return None
         self.num_steps += 1
         self.scheduler.step_succeeded()
-        self._prefetch_adapters()  # while the GPU computes the step just launched
+        self._prefetch_adapters()  # copied while the GPU computes the step just issued
         for request, num_new in zip(scheduled.requests, scheduled.num_new_tokens):
             request.num_computed_tokens += num_new
             touched.add(request.group_id)
@@ -411,22 +414,20 @@ class LLMEngine:
         return stops and len(request.output_token_ids) > params.min_tokens
 
     def _ends_after_next_token(self, request: Request) -> bool:
-        """Whether the request ends once its next token is appended, whatever that token is (its
-        max_tokens or the context); `num_tokens` counts that token already."""
+        """Whether the request ends once its next token is appended, whatever that token is."""
+        return self._reaches_length_limit(request, len(request.output_token_ids) + 1)
+
+    def _reaches_length_limit(self, request: Request, num_outputs: int) -> bool:
+        """Whether `num_outputs` generated tokens reach the request's max_tokens or the context."""
         limit = request.params.max_tokens
-        return (limit is not None and len(request.output_token_ids) + 1 >= limit) \
-            or request.num_tokens >= self.max_model_len
+        return (limit is not None and num_outputs >= limit) \
+            or len(request.prompt_token_ids) + num_outputs >= self.max_model_len
 
     def _limit_reason(self, request: Request) -> str | None:
         """Why a request that did not sample a stop token ends now, if it does."""
         if request.detokenizer is not None and request.detokenizer.stopped:
             return "stop"
-        params = request.params
-        if params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
-            return "length"
-        if request.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        return "length" if self._reaches_length_limit(request, len(request.output_token_ids)) else None
 
     def _output(self, group: _Group) -> RequestOutput:
         outputs = []

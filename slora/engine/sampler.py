@@ -135,7 +135,9 @@ def forbid_early_stop(
             rows += [i] * len(stop_ids)
             columns += stop_ids
     if rows:
-        logits[_index(rows, logits.device), _index(columns, logits.device)] = float("-inf")
+        # A tensor of values, not a Python scalar: index_put_ with a scalar waits for the device.
+        logits[_index(rows, logits.device), _index(columns, logits.device)] = logits.new_full((len(rows),),
+                                                                                               float("-inf"))
     return logits
 
 

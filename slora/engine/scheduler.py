@@ -43,6 +43,7 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)  # finished with an error while being admitted
+    finished: list[Request] = field(default_factory=list)  # ended by the pool ("length"): alone, it outgrew it
 
     def add(self, request: Request, num_tokens: int) -> None:
         self.requests.append(request)
@@ -87,8 +88,12 @@ class Scheduler:
                 batch.preempted.append(self._preempt(self.running.pop()))
             if not self._make_room(num_tokens):
                 if len(self.running) == 1 and not batch.requests:
-                    # Alone and still out of slots: the pool cannot hold this sequence any longer.
+                    # Alone and still out of slots: the pool cannot hold this sequence any longer. A
+                    # token still on the device is appended first; the next step ends it.
+                    if request.pending_tokens:
+                        break
                     self.finish(request, "length")
+                    batch.finished.append(request)
                     continue
                 batch.preempted.append(self._preempt(self.running.pop()))
                 break

@@ -6,9 +6,10 @@ requests hold a reference to their adapter, so it cannot be evicted under them; 
 reference stays resident (a later request hits it) until its slots are needed, then the least
 recently used idle adapter goes first.
 
-Adapters of requests still waiting can be loaded ahead (`prefetch`), while the GPU computes a step:
-on CUDA every load is issued on a copy stream of its own and the compute stream waits for it only
-when a request that uses the adapter is admitted (`acquire`).
+Adapters of requests still waiting can be loaded ahead (`prefetch`), while the GPU computes: on CUDA
+every load is issued on a copy stream of its own, after the compute work issued before it (see
+`_load`), and the compute stream waits for it only when a request that uses the adapter is admitted
+(`acquire`).
 
 What a step's LoRA tables need of a resident adapter never changes while it is resident, so it is
 built once (`ResidentAdapter.tables`, at load) rather than in every step; a reloaded adapter is a new
@@ -113,6 +114,7 @@ class AdapterResidency:
         self.stats = ResidencyStats()
         device = pool.layers[0].device
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._step_issued: torch.cuda.Event | None = None  # see `mark_step_issued`
 
     def slots_needed(self, name: str) -> int:
         """Free slots that admitting a request of this adapter costs (0 if it is resident)."""
@@ -154,8 +156,15 @@ class AdapterResidency:
     def prefetch(self, name: str) -> None:
         """Load an adapter a waiting request will need, with no reference: it stays evictable."""
         if name not in self._resident:
-            self._load(name)
+            self._load(name, prefetch=True)
             self.stats.prefetches += 1
+
+    def mark_step_issued(self) -> None:
+        """Called right before a step's forward pass is issued: prefetches made after it wait only for
+        the compute work issued before that step (see `_load`)."""
+        if self._copy_stream is not None:
+            self._step_issued = torch.cuda.Event()
+            self._step_issued.record(torch.cuda.current_stream(self.pool.layers[0].device))
 
     def release(self, name: str) -> None:
         self._resident[name].references -= 1
@@ -174,7 +183,7 @@ class AdapterResidency:
         self._layouts.pop(name, None)
         self.store.drop(name)
 
-    def _load(self, name: str) -> ResidentAdapter:
+    def _load(self, name: str, prefetch: bool = False) -> ResidentAdapter:
         spec = self.registry.get(name)
         host = self.store.get(spec)
         slot_ids = self.pool.allocate(host.layout.num_slots, "adapter")
@@ -183,10 +192,14 @@ class AdapterResidency:
         host_row_table = np.stack((2 * slots, 2 * slots + 1), axis=1).ravel()[: host.layout.num_rows]
         # The slots are free now, but steps overlap (engine.py): one still in flight may read or write
         # slots freed since it was issued (a request that finished or was preempted meanwhile). So the
-        # copies wait for the compute work issued so far; a prefetch still overlaps the next step.
+        # copies wait for the compute work issued before the step now being issued (`mark_step_issued`),
+        # which touches none of the free slots; a prefetch, made once that step is issued, overlaps it.
         stream = self._copy_stream
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(device))
+            if prefetch and self._step_issued is not None:
+                stream.wait_event(self._step_issued)
+            else:
+                stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             table = torch.from_numpy(host_row_table)
             row_table = (table.pin_memory() if stream is not None else table).to(device, non_blocking=True)
@@ -207,6 +220,8 @@ class AdapterResidency:
         self.stats.evictions += 1
 
     def _release_slots(self, adapter: ResidentAdapter) -> None:
+        if adapter.copied is not None:  # never admitted: whatever gets its slots next waits for its copy
+            torch.cuda.current_stream(self.pool.layers[0].device).wait_event(adapter.copied)
         del self._resident[adapter.name]
         self.pool.free(adapter.slot_ids, "adapter")
 

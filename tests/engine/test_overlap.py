@@ -85,3 +85,14 @@ def test_an_abort_while_a_token_is_pending_leaves_the_others_unchanged(llm):
     finished = _run(engine)
     assert finished == {kept: expected}
     assert engine.pool.stats().kv_slots == 0
+
+
+def test_a_request_that_outgrows_the_pool_keeps_its_pending_token_and_is_reported(tiny_llama_folder, llm):
+    """Alone and out of slots, a request ends with "length"; the token still on the device is its last."""
+    prompt, params = [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    unbounded = llm.generate(prompt, params)[0].token_ids
+    small = LLM(model=str(tiny_llama_folder[1]), num_slots=12)
+    out = small.generate(prompt, params)[0]  # raised KeyError when the finish went unreported
+    # Every token but the last needs a slot: the pool holds the prompt and 8 generated tokens.
+    assert out.finish_reason == "length" and out.token_ids == unbounded[: small.engine.pool.num_slots - len(prompt) + 1]
+    assert small.engine.pool.stats().kv_slots == 0
