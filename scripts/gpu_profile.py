@@ -293,7 +293,8 @@ def decode_markdown(report: dict) -> list[str]:
                      f"{r['gpu_busy_ms_per_step']:.1f} | {100 * r['gpu_busy_fraction']:.0f}% | "
                      f"{r['kernel_launches_per_step']:.0f} | {phases} |")
     lines += ["", "Host phases are medians per step of host (wall) time; the forward pass is issued "
-              "asynchronously (a graph replay at once), so sampling includes waiting for the GPU to finish. "
+              "asynchronously (a graph replay at once) and steps overlap, so the host waits for the GPU in "
+              "reading the last step's tokens back. "
               "Kernels replayed inside a CUDA graph may be missing from the profiler's tables.", ""]
     for r in report["systems"]:
         for key, title in (("top_gpu", "GPU time by kernel"), ("top_cpu", "host time by op")):

@@ -49,8 +49,9 @@ class SampledTokens:
         self._top_n = [inputs[i].params.logprobs for i in self._logprob_rows]
         copies = [token_ids]
         if self._logprob_rows:
-            logprobs = raw[_index(self._logprob_rows, raw.device)].log_softmax(dim=-1)
-            chosen = logprobs.gather(1, token_ids[_index(self._logprob_rows, raw.device), None]).squeeze(1)
+            rows = _index(self._logprob_rows, raw.device)
+            logprobs = raw[rows].log_softmax(dim=-1)
+            chosen = logprobs.gather(1, token_ids[rows, None]).squeeze(1)
             top_values, top_ids = logprobs.topk(max(self._top_n), dim=-1)
             copies += [chosen, top_values, top_ids]
         on_cuda = token_ids.device.type == "cuda"

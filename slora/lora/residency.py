@@ -114,7 +114,7 @@ class AdapterResidency:
         self.stats = ResidencyStats()
         device = pool.layers[0].device
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._step_issued: torch.cuda.Event | None = None  # see `mark_step_issued`
+        self._step_issued = torch.cuda.Event() if self._copy_stream is not None else None  # see `mark_step_issued`
 
     def slots_needed(self, name: str) -> int:
         """Free slots that admitting a request of this adapter costs (0 if it is resident)."""
@@ -162,8 +162,7 @@ class AdapterResidency:
     def mark_step_issued(self) -> None:
         """Called right before a step's forward pass is issued: prefetches made after it wait only for
         the compute work issued before that step (see `_load`)."""
-        if self._copy_stream is not None:
-            self._step_issued = torch.cuda.Event()
+        if self._step_issued is not None:  # a wait_event takes the record made before it: one event serves
             self._step_issued.record(torch.cuda.current_stream(self.pool.layers[0].device))
 
     def release(self, name: str) -> None:
@@ -196,7 +195,7 @@ class AdapterResidency:
         # which touches none of the free slots; a prefetch, made once that step is issued, overlaps it.
         stream = self._copy_stream
         if stream is not None:
-            if prefetch and self._step_issued is not None:
+            if prefetch:  # (an event never recorded makes no wait: no step has been issued)
                 stream.wait_event(self._step_issued)
             else:
                 stream.wait_stream(torch.cuda.current_stream(device))
