@@ -327,15 +327,15 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
 
 
 def _sweep_configs(op: str) -> list:
-    """The segment form's grid (the form the engine runs): 27 shrink and 54 expand launches, of 9 and
-    18 compiled variants (each compile takes a second or two; splits are arguments)."""
+    """The segment form's grid (the form the engine runs): 54 launches each for shrink and expand, of 18
+    compiled variants each (each compile takes a second or two; splits are arguments)."""
     from slora.kernels.triton_lora import LoRAKernelConfig
 
     if op == "shrink":
-        return [LoRAKernelConfig(block_r=r, block_k=k, split_k=s) for r in (16, 32, 64) for k in (64, 128, 256)
-                for s in (None, 2, 8)]
-    return [LoRAKernelConfig(block_r=r, block_n=n, n_splits=s, num_warps=w) for r in (16, 32, 64)
-            for n in (64, 128, 256) for s in (None, 1, 8) for w in (4, 8)]
+        return [LoRAKernelConfig(block_r=r, block_k=k, split_k=s, num_stages=t) for r in (16, 32, 64)
+                for k in (64, 128, 256) for s in (None, 2, 8) for t in (3, 4)]
+    return [LoRAKernelConfig(block_r=r, block_n=n, n_splits=s, num_stages=t) for r in (32, 64)
+            for n in (64, 128, 256) for s in (None, 2, 8) for t in (2, 3, 4)]
 
 
 def _config_text(config) -> str:

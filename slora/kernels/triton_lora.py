@@ -17,13 +17,18 @@ Ranks differ per adapter and nothing is padded to the batch's largest rank: shri
 an adapter's rank exit at once and expand's rank loop stops at the adapter's rank. Shrink splits the
 input features over `split_k` programs that write separate float32 partials `v[p, split, i, :r]` (no
 atomics, no zeroing launch); expand splits each module's output features over `n_splits` programs,
-each looping over its BLOCK_N tiles, sums the splits as it reads `v` and adds into `y` in its own dtype.
+each looping over its BLOCK_N tiles, sums the splits as it reads `v` and adds into `y` in its own dtype
+(once per BLOCK_R rank rows: one pass at the ranks served, 64 and below on a GPU).
 
 On a GPU no serving step compiles a kernel: see `_BATCH_INTS` and `GPU_DEFAULTS`.
 
 Pool rows are `kv_dim` wide and a canonical row of A (or B^T) spans `chunks` pool rows, each
 anywhere in the pool. Feature tiles never straddle a chunk (BLOCK_K and BLOCK_N divide kv_dim), so
-a tile needs one row id per rank row, loaded from the row table as it goes.
+a tile needs one row id per rank row. The segment form loads those once per chunk, outside the loop
+over the chunk's feature tiles: that loop's addresses are then affine in its index, and Triton
+pipelines its loads (`cp.async`, `num_stages` deep). With the row ids loaded inside the tile loop,
+as before, expand's loads were not pipelined at all and shrink's less well: the segment form took
+20% longer for the q/k/v/o LoRA of 256 decode tokens on an H200 (bench/results/2026-12-01-h200-*).
 """
 
 from __future__ import annotations
@@ -113,11 +118,18 @@ def _segment_item(items_ptr, segment_starts_ptr, max_m_splits, BLOCK_M: tl.const
 
 
 @triton.jit
+def _chunk_rows(rows_ptr, row_table_ptr, table_rows, chunk, r_mask, kv_dim):
+    """Pointers such that `base + f` is feature f (within `chunk`) of each rank row, whose chunk 0 is
+    at `table_rows` in the row table."""
+    row_ids = tl.load(row_table_ptr + table_rows + chunk, mask=r_mask, other=0).to(tl.int64)
+    return rows_ptr + row_ids[:, None] * kv_dim - chunk * kv_dim
+
+
+@triton.jit
 def _b_tile(rows_ptr, row_table_ptr, b_rows, n0, offs_bn, r_mask, n_mask, kv_dim):
     """Columns `n0 + offs_bn` of the B^T rows whose chunk 0 is at `b_rows` in the row table."""
     chunk = n0 // kv_dim
-    row_ids = tl.load(row_table_ptr + b_rows + chunk, mask=r_mask, other=0).to(tl.int64)
-    return tl.load(rows_ptr + row_ids[:, None] * kv_dim + (n0 - chunk * kv_dim) + offs_bn[None, :],
+    return tl.load(_chunk_rows(rows_ptr, row_table_ptr, b_rows, chunk, r_mask, kv_dim) + n0 + offs_bn[None, :],
                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
 
 
@@ -141,16 +153,17 @@ def _shrink_segments(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, ra
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < segment_end
         tokens = tl.load(token_indices_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        x_rows = x_ptr + tokens[:, None] * stride_x
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            chunk = k0 // kv_dim
-            row_ids = tl.load(row_table_ptr + a_rows + chunk, mask=r_mask, other=0).to(tl.int64)
-            k_mask = k0 + offs_bk < k_end
-            x = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_bk)[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            a = tl.load(rows_ptr + row_ids[:, None] * kv_dim + (k0 - chunk * kv_dim) + offs_bk[None, :],
-                        mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += dot(x, tl.trans(a.to(x.dtype)), DOT_MODE)
+        for chunk in range(k_start // kv_dim, tl.cdiv(k_end, kv_dim)):
+            # The innermost loop's addresses are affine in k0, so Triton pipelines its loads (see the docstring).
+            a_base = _chunk_rows(rows_ptr, row_table_ptr, a_rows, chunk, r_mask, kv_dim)
+            chunk_end = tl.minimum(k_end, chunk * kv_dim + kv_dim)
+            for k0 in range(tl.maximum(k_start, chunk * kv_dim), chunk_end, BLOCK_K):
+                k_mask = k0 + offs_bk < chunk_end
+                x = tl.load(x_rows + (k0 + offs_bk)[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                a = tl.load(a_base + (k0 + offs_bk)[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+                acc += dot(x, tl.trans(a.to(x.dtype)), DOT_MODE)
         out, split_stride = _v_rows(v_ptr, v_split16, v_row16, p, split_k, offs_m[:, None])
         tl.store(out + pid_k * split_stride + offs_r[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
 
@@ -172,21 +185,22 @@ def _expand_segments(y_ptr, stride_y, v_ptr, v_split16, v_row16, split_k, rows_p
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < segment_end
         tokens = tl.load(token_indices_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        for n0 in range(n_start, n_end, BLOCK_N):
-            n_mask = n0 + offs_bn < n_end
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, rank, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_mask = offs_r < rank
-                v = _load_v(v_ptr, v_split16, v_row16, p, split_k, offs_m[:, None], offs_r[None, :],
-                            m_mask[:, None] & r_mask[None, :])
-                b = _b_tile(rows_ptr, row_table_ptr, b_offset + offs_r * b_chunks, n0, offs_bn, r_mask, n_mask,
-                            kv_dim)
-                acc += dot(v.to(b.dtype), b, DOT_MODE)
-            y_ptrs = y_ptr + tokens[:, None] * stride_y + (column + n0 + offs_bn)[None, :]
-            mask = m_mask[:, None] & n_mask[None, :]
-            y = tl.load(y_ptrs, mask=mask, other=0.0)
-            tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y.dtype), mask=mask)
+        y_rows = y_ptr + tokens[:, None] * stride_y + column
+        for r0 in range(0, rank, BLOCK_R):  # one pass unless the rank exceeds BLOCK_R
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < rank
+            v = _load_v(v_ptr, v_split16, v_row16, p, split_k, offs_m[:, None], offs_r[None, :],
+                        m_mask[:, None] & r_mask[None, :]).to(rows_ptr.dtype.element_ty)
+            for chunk in range(n_start // kv_dim, tl.cdiv(n_end, kv_dim)):
+                b_base = _chunk_rows(rows_ptr, row_table_ptr, b_offset + offs_r * b_chunks, chunk, r_mask, kv_dim)
+                chunk_end = tl.minimum(n_end, chunk * kv_dim + kv_dim)
+                for n0 in range(tl.maximum(n_start, chunk * kv_dim), chunk_end, BLOCK_N):
+                    n_mask = n0 + offs_bn < chunk_end
+                    b = tl.load(b_base + (n0 + offs_bn)[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                    y_ptrs = y_rows + (n0 + offs_bn)[None, :]
+                    mask = m_mask[:, None] & n_mask[None, :]
+                    y = tl.load(y_ptrs, mask=mask, other=0.0)
+                    tl.store(y_ptrs, (y.to(tl.float32) + scaling * dot(v, b, DOT_MODE)).to(y.dtype), mask=mask)
 
 
 @triton.jit(do_not_specialize=_BATCH_INTS, do_not_specialize_on_alignment=_BATCH_VIEWS)
@@ -208,11 +222,9 @@ def _shrink_tokens(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, rank
     offs_bk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        chunk = k0 // kv_dim
-        row_ids = tl.load(row_table_ptr + a_rows + chunk, mask=r_mask, other=0).to(tl.int64)
         k_mask = k0 + offs_bk < k_end
         x = tl.load(x_ptr + token * stride_x + k0 + offs_bk, mask=k_mask, other=0.0)
-        a = tl.load(rows_ptr + row_ids[:, None] * kv_dim + (k0 - chunk * kv_dim) + offs_bk[None, :],
+        a = tl.load(_chunk_rows(rows_ptr, row_table_ptr, a_rows, k0 // kv_dim, r_mask, kv_dim) + (k0 + offs_bk)[None, :],
                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
     out, split_stride = _v_rows(v_ptr, v_split16, v_row16, p, split_k, position)
@@ -263,22 +275,22 @@ class LoRAKernelConfig:
 
 # On a GPU the compiled block sizes never depend on the batch (only grids and splits do, which are
 # arguments): every launch is one of `compile_variants`, all compiled at start-up (`precompile`),
-# so no serving step waits for a compile. The segment form's values are the H100 sweep's best over
-# decode (64 and 256 adapters) and prefill at Llama-2-7B shapes (bench/results/2026-11-23-h100-*-tuning);
-# the token form (not the engine's) keeps untuned ones.
+# so no serving step waits for a compile. The segment form's values are the best of the H200 sweep of
+# the pipelined kernels over decode (64 and 256 adapters), prefill and mixed steps at Llama-2-7B shapes
+# (bench/results/2026-12-01-h200-*); the token form (not the engine's) keeps untuned ones.
 GPU_DEFAULTS = {
-    ("shrink", "segment"): LoRAKernelConfig(block_r=32, block_k=128, num_warps=4),
+    ("shrink", "segment"): LoRAKernelConfig(block_r=32, block_k=128, num_warps=4, num_stages=3),
     ("shrink", "token"): LoRAKernelConfig(block_r=64, block_k=256, num_warps=4),
-    ("expand", "segment"): LoRAKernelConfig(block_r=32, block_n=128, num_warps=4),
+    ("expand", "segment"): LoRAKernelConfig(block_r=64, block_n=128, num_warps=4, num_stages=3),
     ("expand", "token"): LoRAKernelConfig(block_r=64, block_n=128, num_warps=4),
 }
 FORMS = ("segment", "token")  # see the module docstring
 BLOCK_M_CHOICES = (16, 64)  # segment form: batches of mostly short segments (decode, mixed steps), of long ones
 PROGRAMS_PER_SM = 4  # splits are chosen so that a launch has at least this many programs per SM
-# ... and never fewer than these on a GPU: in the sweep 2 K splits and 8 output splits were best in
-# every case, even where fewer already gave 4 programs per SM (shorter programs balance better).
-GPU_MIN_SPLIT_K, GPU_MIN_N_SPLITS = 2, 8
-
+# ... and never fewer than these on a GPU: 2 K splits were best in every case of the sweep, even where
+# fewer already gave 4 programs per SM; expand's pipelined tile loop wants long programs (2 splits of
+# q/k/v's 12,288 columns beat 8 by 7% at 256 decode tokens).
+GPU_MIN_SPLIT_K, GPU_MIN_N_SPLITS = 2, 2
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
