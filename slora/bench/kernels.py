@@ -338,6 +338,16 @@ def _sweep_configs(op: str) -> list:
             for n in (64, 128, 256) for s in (None, 2, 8) for t in (2, 3, 4)]
 
 
+def _time_if_it_fits(measure, fn: Callable[[], object]) -> float | None:
+    """`measure(fn)`, or None for a sweep's configuration that needs more shared memory than the device has."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return measure(fn)
+    except OutOfResources:
+        return None
+
+
 def _config_text(config) -> str:
     return ", ".join(f"{k}={v}" for k, v in asdict(config).items() if v is not None)
 
@@ -380,7 +390,8 @@ def _lora_single_ops(case, methods, xs, y0, projection: Projection, ranks, disti
             if sweep and form == "segment":
                 fill = lambda c: choose_config(op_name, form, batch, features, max_rank,  # noqa: E731
                                                rows.shape[1], rows.device, c, modules)
-                timed = [(measure(lambda c=c: launch(c)), fill(c)) for c in _sweep_configs(op_name)]
+                timed = [(t, fill(c)) for c in _sweep_configs(op_name)
+                         if (t := _time_if_it_fits(measure, lambda c=c: launch(c))) is not None]
                 best_time, best = min(timed, key=lambda pair: pair[0])
                 results.append(Result(case, f"{method} tuned ({len(timed)} configs)", best_time, num_bytes, flops,
                                       config=_config_text(best),

@@ -197,10 +197,12 @@ def _expand_segments(y_ptr, stride_y, v_ptr, v_split16, v_row16, split_k, rows_p
                 for n0 in range(tl.maximum(n_start, chunk * kv_dim), chunk_end, BLOCK_N):
                     n_mask = n0 + offs_bn < chunk_end
                     b = tl.load(b_base + (n0 + offs_bn)[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                    # The product before y's load: with y loaded first, the loop took 28% longer on an H200.
+                    acc = dot(v, b, DOT_MODE)
                     y_ptrs = y_rows + (n0 + offs_bn)[None, :]
                     mask = m_mask[:, None] & n_mask[None, :]
                     y = tl.load(y_ptrs, mask=mask, other=0.0)
-                    tl.store(y_ptrs, (y.to(tl.float32) + scaling * dot(v, b, DOT_MODE)).to(y.dtype), mask=mask)
+                    tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y.dtype), mask=mask)
 
 
 @triton.jit(do_not_specialize=_BATCH_INTS, do_not_specialize_on_alignment=_BATCH_VIEWS)
