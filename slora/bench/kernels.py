@@ -379,7 +379,7 @@ def _lora_single_ops(case, methods, xs, y0, projection: Projection, ranks, disti
                        in_features, num_modules),
             "expand": (lambda c: expand(y, shrunk, rows, batch, 0, projection, form, c),
                        (weights_b + 2 * n * out_features) * element + v_bytes, 2 * token_ranks * out_features,
-                       max(projection.widths), 1),
+                       max(projection.widths), num_modules),
         }
         for op_name, (launch, num_bytes, flops, features, modules) in ops.items():
             chosen = choose_config(op_name, form, batch, features, max_rank, rows.shape[1], rows.device,

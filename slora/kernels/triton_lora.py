@@ -18,7 +18,8 @@ an adapter's rank exit at once and expand's rank loop stops at the adapter's ran
 input features over `split_k` programs that write separate float32 partials `v[p, split, i, :r]` (no
 atomics, no zeroing launch); expand splits each module's output features over `n_splits` programs,
 each looping over its BLOCK_N tiles, sums the splits as it reads `v` and adds into `y` in its own dtype
-(once per BLOCK_R rank rows: one pass at the ranks served, 64 and below on a GPU).
+(an adapter of rank above BLOCK_R takes a slower loop that sums its rank tiles first, so that y is
+rounded once whatever the rank).
 
 On a GPU no serving step compiles a kernel: see `_BATCH_INTS` and `GPU_DEFAULTS`.
 
@@ -133,6 +134,15 @@ def _b_tile(rows_ptr, row_table_ptr, b_rows, n0, offs_bn, r_mask, n_mask, kv_dim
                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
 
 
+@triton.jit
+def _add_to_y(y_rows, columns, m_mask, n_mask, scaling, acc):
+    """y[rows, columns] += scaling * acc, in y's dtype."""
+    y_ptrs = y_rows + columns[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y.dtype), mask=mask)
+
+
 @triton.jit(do_not_specialize=_BATCH_INTS, do_not_specialize_on_alignment=_BATCH_VIEWS)
 def _shrink_segments(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, ranks_ptr, modules_ptr, table_width,
                      token_indices_ptr, segment_starts_ptr, items_ptr, v_ptr, v_split16, v_row16, in_features, kv_dim,
@@ -186,8 +196,8 @@ def _expand_segments(y_ptr, stride_y, v_ptr, v_split16, v_row16, split_k, rows_p
         m_mask = offs_m < segment_end
         tokens = tl.load(token_indices_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
         y_rows = y_ptr + tokens[:, None] * stride_y + column
-        for r0 in range(0, rank, BLOCK_R):  # one pass unless the rank exceeds BLOCK_R
-            offs_r = r0 + tl.arange(0, BLOCK_R)
+        if rank <= BLOCK_R:  # one rank tile: the tile loop is innermost, so that Triton pipelines its loads
+            offs_r = tl.arange(0, BLOCK_R)
             r_mask = offs_r < rank
             v = _load_v(v_ptr, v_split16, v_row16, p, split_k, offs_m[:, None], offs_r[None, :],
                         m_mask[:, None] & r_mask[None, :]).to(rows_ptr.dtype.element_ty)
@@ -199,10 +209,20 @@ def _expand_segments(y_ptr, stride_y, v_ptr, v_split16, v_row16, split_k, rows_p
                     b = tl.load(b_base + (n0 + offs_bn)[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
                     # The product before y's load: with y loaded first, the loop took 28% longer on an H200.
                     acc = dot(v, b, DOT_MODE)
-                    y_ptrs = y_rows + (n0 + offs_bn)[None, :]
-                    mask = m_mask[:, None] & n_mask[None, :]
-                    y = tl.load(y_ptrs, mask=mask, other=0.0)
-                    tl.store(y_ptrs, (y.to(tl.float32) + scaling * acc).to(y.dtype), mask=mask)
+                    _add_to_y(y_rows, n0 + offs_bn, m_mask, n_mask, scaling, acc)
+        else:  # several rank tiles, summed in float32 before y is rounded once
+            for n0 in range(n_start, n_end, BLOCK_N):
+                n_mask = n0 + offs_bn < n_end
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for r0 in range(0, rank, BLOCK_R):
+                    offs_r = r0 + tl.arange(0, BLOCK_R)
+                    r_mask = offs_r < rank
+                    v = _load_v(v_ptr, v_split16, v_row16, p, split_k, offs_m[:, None], offs_r[None, :],
+                                m_mask[:, None] & r_mask[None, :])
+                    b = _b_tile(rows_ptr, row_table_ptr, b_offset + offs_r * b_chunks, n0, offs_bn, r_mask, n_mask,
+                                kv_dim)
+                    acc += dot(v.to(b.dtype), b, DOT_MODE)
+                _add_to_y(y_rows, n0 + offs_bn, m_mask, n_mask, scaling, acc)
 
 
 @triton.jit(do_not_specialize=_BATCH_INTS, do_not_specialize_on_alignment=_BATCH_VIEWS)
@@ -288,11 +308,14 @@ GPU_DEFAULTS = {
 }
 FORMS = ("segment", "token")  # see the module docstring
 BLOCK_M_CHOICES = (16, 64)  # segment form: batches of mostly short segments (decode, mixed steps), of long ones
-PROGRAMS_PER_SM = 4  # splits are chosen so that a launch has at least this many programs per SM
-# ... and never fewer than these on a GPU: 2 K splits were best in every case of the sweep, even where
-# fewer already gave 4 programs per SM; expand's pipelined tile loop wants long programs (2 splits of
-# q/k/v's 12,288 columns beat 8 by 7% at 256 decode tokens).
+# Splits are chosen so that a launch has at least this many programs per SM: expand's pipelined tile
+# loop wants long programs (on the H200, q/k/v of 256 decode tokens of 64 adapters took 33.5 us in 2
+# output splits, 38.3 in 3; o of 256 adapters 35.0 in 2 and 40.5 in 3).
+PROGRAMS_PER_SM = {"shrink": 4, "expand": 2}
+# ... and never fewer splits than these on a GPU: 2 K splits were best in every case of the sweep,
+# even where fewer already gave 4 programs per SM.
 GPU_MIN_SPLIT_K, GPU_MIN_N_SPLITS = 2, 2
+
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
@@ -333,7 +356,7 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
     block_n = min(given.block_n or defaults.block_n or 128, feature_block, _pow2_at_least(features))
     m_splits = given.m_splits or (min(triton.cdiv(max_segment, block_m), MAX_M_SPLITS) if sms else 1)
     units = (batch.num_tokens if form == "token" else len(batch.work_items(block_m, m_splits))) * num_modules
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, units) if sms else 1
+    wanted = triton.cdiv(PROGRAMS_PER_SM[op] * sms, units) if sms else 1
     split_k, n_splits = 1, 1
     if op == "shrink" and sms:
         split_k = max(GPU_MIN_SPLIT_K, triton.cdiv(wanted, triton.cdiv(max_rank, block_r)))
