@@ -308,17 +308,19 @@ GPU_DEFAULTS = {
 }
 FORMS = ("segment", "token")  # see the module docstring
 BLOCK_M_CHOICES = (16, 64)  # segment form: batches of mostly short segments (decode, mixed steps), of long ones
-# Splits are chosen so that a launch has at least this many programs per SM: expand's pipelined tile
-# loop wants long programs (on the H200, q/k/v of 256 decode tokens of 64 adapters took 33.5 us in 2
-# output splits, 38.3 in 3; o of 256 adapters 35.0 in 2 and 40.5 in 3).
-PROGRAMS_PER_SM = {"shrink": 4, "expand": 2}
-# ... and never fewer splits than these on a GPU: 2 K splits were best in every case of the sweep,
-# even where fewer already gave 4 programs per SM.
+PROGRAMS_PER_SM = 4  # splits are chosen so that a launch has at least this many programs per SM
+# ... and never fewer than these on a GPU: 2 K splits were best in every case of the sweep, even where
+# fewer already gave 4 programs per SM; expand's pipelined tile loop wants long programs (2 output
+# splits were best for decode and prefill steps; see `_expand` for its splits' sizes).
 GPU_MIN_SPLIT_K, GPU_MIN_N_SPLITS = 2, 2
 
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
 
 
 def _clamp(value: int, low: int, high: int) -> int:
@@ -356,14 +358,16 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
     block_n = min(given.block_n or defaults.block_n or 128, feature_block, _pow2_at_least(features))
     m_splits = given.m_splits or (min(triton.cdiv(max_segment, block_m), MAX_M_SPLITS) if sms else 1)
     units = (batch.num_tokens if form == "token" else len(batch.work_items(block_m, m_splits))) * num_modules
-    wanted = triton.cdiv(PROGRAMS_PER_SM[op] * sms, units) if sms else 1
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, units) if sms else 1
     split_k, n_splits = 1, 1
     if op == "shrink" and sms:
         split_k = max(GPU_MIN_SPLIT_K, triton.cdiv(wanted, triton.cdiv(max_rank, block_r)))
     elif sms:
         n_splits = max(GPU_MIN_N_SPLITS, wanted)
     split_k = _clamp(given.split_k or split_k, 1, min(MAX_SPLIT_K, triton.cdiv(features, block_k)))
-    n_splits = _clamp(given.n_splits or n_splits, 1, triton.cdiv(features, block_n))
+    # A power of two of output splits: on the H200, 3 splits of a module's 32 tiles took 15-23% longer than
+    # 2 (q/k/v decode and prefill, o decode), while 8 were within 5% of 2.
+    n_splits = _pow2_at_most(_clamp(given.n_splits or n_splits, 1, triton.cdiv(features, block_n)))
     return LoRAKernelConfig(block_m, block_r, block_k, block_n, split_k, n_splits, m_splits,
                             given.num_warps or defaults.num_warps, given.num_stages or defaults.num_stages)
 
