@@ -102,6 +102,7 @@ class Result:
     flops: int
     gbps: float = 0.0
     pct_copy_bandwidth: float = 0.0
+    pct_same_size_copy: float = 0.0  # of what a copy moving `bytes` reaches (`SameSizeCopy`)
     tflops: float = 0.0
     pct_matmul_peak: float = 0.0
     speedup_vs_reference: float | None = None
@@ -257,11 +258,32 @@ def groups_of(token_adapters: list[int], adapters: list[ResidentAdapter], device
     return [AdapterTokens(adapters[a], torch.tensor(tokens, device=device)) for a, tokens in sorted(by_adapter.items())]
 
 
+class SameSizeCopy:
+    """GB/s of an elementwise copy kernel that moves a given number of bytes (read + write), timed like the
+    kernels. A launch that moves tens of MB cannot reach a large copy's rate (on an H200, 43% of it at
+    16 MB, 72% at 64 MB: bench/results/2026-12-01-h200-c6407e2), so an op's share of this says how much
+    of its shortfall its size alone explains."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, measure):
+        self.device, self.dtype, self.measure = device, dtype, measure
+        self._gbps: dict[int, float] = {}
+
+    def gbps(self, nbytes: int) -> float:
+        if nbytes not in self._gbps:
+            elements = max(1, nbytes // 2 // self.dtype.itemsize)
+            source = torch.ones(elements, dtype=self.dtype, device=self.device)
+            target = torch.empty_like(source)
+            seconds = self.measure(lambda: torch.mul(source, 1, out=target)) / 1e6
+            self._gbps[nbytes] = 2 * elements * self.dtype.itemsize / seconds / 1e9
+        return self._gbps[nbytes]
+
+
 # --- cases ----------------------------------------------------------------------------------------------
-def _finish(result: Result, copy_gbps: float, peak_tflops: float) -> Result:
+def _finish(result: Result, copy_gbps: float, peak_tflops: float, same_size_copy: SameSizeCopy) -> Result:
     seconds = result.time_us / 1e6
     result.gbps = result.bytes / seconds / 1e9
     result.pct_copy_bandwidth = 100 * result.gbps / copy_gbps
+    result.pct_same_size_copy = 100 * result.gbps / same_size_copy.gbps(result.bytes)
     result.tflops = result.flops / seconds / 1e12
     result.pct_matmul_peak = 100 * result.tflops / peak_tflops
     return result
@@ -536,6 +558,7 @@ def run(settings: Settings, device: torch.device, log=print) -> Report:
     # reached 2.7 TB/s on an H200 against 4.2 for the eager copy, and made kernels look closer to the limit.
     copy_gbps = measure_copy_bandwidth(device, settings.copy_bytes) / 1e9
     peak = matmul_peak(device, dtype, settings.matmul_size, measure)
+    same_size_copy = SameSizeCopy(device, dtype, measure)
     log(f"device {device_name(device)}: copy {copy_gbps:.0f} GB/s, {settings.dtype} matmul {peak:.1f} TFLOP/s")
     report = Report(device_name(device), commit_of_checkout(), datetime.datetime.now(datetime.UTC).isoformat(),
                     torch.__version__, triton.__version__, asdict(settings), copy_gbps, peak)
@@ -581,13 +604,14 @@ def run(settings: Settings, device: torch.device, log=print) -> Report:
         list(settings.prefill_seqs), list(settings.prefill_seqs), config, dtype, device, measure, generator))
     cases.append(lambda: fused_ops_cases(settings.decode_tokens, config, dtype, device, measure, generator))
     for case in cases:
-        results = [_finish(r, copy_gbps, peak) for r in case()]
+        results = [_finish(r, copy_gbps, peak, same_size_copy) for r in case()]
         reference = {r.case: r.time_us for r in results if r.method == "torch_reference"}
         for r in results:
             if r.case in reference and "[" not in r.method:
                 r.speedup_vs_reference = reference[r.case] / r.time_us
             log(f"  {r.case:<48} {r.method:<32} {r.time_us:10.1f} us {r.gbps:8.1f} GB/s "
-                f"({r.pct_copy_bandwidth:5.1f}% copy) {r.tflops:7.2f} TFLOP/s")
+                f"({r.pct_copy_bandwidth:5.1f}% copy, {r.pct_same_size_copy:5.1f}% same-size copy) "
+                f"{r.tflops:7.2f} TFLOP/s")
         report.results += results
     return report
 
@@ -606,17 +630,19 @@ def write_report(report: Report, output: Path) -> None:
         f"{report.matmul_peak_tflops:.1f} TFLOP/s",
         "",
         "Bandwidth is over the bytes the op must move (distinct adapters' A and B once, x, y read and "
-        "written; each context's K/V once), whatever the method reads in fact.",
+        "written; each context's K/V once), whatever the method reads in fact. \"% same-size copy\" is of what an "
+        "elementwise copy kernel moving those bytes reaches, timed the same way: small launches cannot reach the "
+        "large copy's rate.",
         "",
-        "| case | method | time (us) | GB/s | % copy BW | TFLOP/s | % matmul peak | vs reference | max rel. error "
-        "| config |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| case | method | time (us) | GB/s | % copy BW | % same-size copy | TFLOP/s | % matmul peak | vs reference "
+        "| max rel. error | config |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report.results:
         speedup = f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference else ""
         error = f"{r.max_error:.1e}" if r.max_error is not None else ""
         lines.append(f"| {r.case} | {r.method} | {r.time_us:.1f} | {r.gbps:.1f} | {r.pct_copy_bandwidth:.1f} | "
-                     f"{r.tflops:.2f} | {r.pct_matmul_peak:.1f} | {speedup} | {error} | {r.config or ''} |")
+                     f"{r.pct_same_size_copy:.1f} | {r.tflops:.2f} | {r.pct_matmul_peak:.1f} | {speedup} | {error} | {r.config or ''} |")
     (output / "kernels.md").write_text("\n".join(lines) + "\n")
 
 

@@ -29,7 +29,8 @@ a tile needs one row id per rank row. The segment form loads those once per chun
 over the chunk's feature tiles: that loop's addresses are then affine in its index, and Triton
 pipelines its loads (`cp.async`, `num_stages` deep). With the row ids loaded inside the tile loop,
 as before, expand's loads were not pipelined at all and shrink's less well: the segment form took
-20% longer for the q/k/v/o LoRA of 256 decode tokens on an H200 (bench/results/2026-12-01-h200-*).
+27-28% longer for the q/k/v/o LoRA of 256 decode tokens on an H200
+(bench/results/2026-12-01-h200-c6407e2).
 """
 
 from __future__ import annotations
@@ -297,9 +298,10 @@ class LoRAKernelConfig:
 
 # On a GPU the compiled block sizes never depend on the batch (only grids and splits do, which are
 # arguments): every launch is one of `compile_variants`, all compiled at start-up (`precompile`),
-# so no serving step waits for a compile. The segment form's values are the best of the H200 sweep of
-# the pipelined kernels over decode (64 and 256 adapters), prefill and mixed steps at Llama-2-7B shapes
-# (bench/results/2026-12-01-h200-*); the token form (not the engine's) keeps untuned ones.
+# so no serving step waits for a compile. The segment form's values come from the H200 sweep of the
+# pipelined kernels at Llama-2-7B shapes (bench/results/2026-12-01-h200-c6407e2/kernels-check): the
+# best for decode at 64 and 256 adapters; for a 1,920-token prefill, shrink is 8% and expand (4 output
+# splits there) 11% off the best. The token form (not the engine's) keeps untuned ones.
 GPU_DEFAULTS = {
     ("shrink", "segment"): LoRAKernelConfig(block_r=32, block_k=128, num_warps=4, num_stages=3),
     ("shrink", "token"): LoRAKernelConfig(block_r=64, block_k=256, num_warps=4),

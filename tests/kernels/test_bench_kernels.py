@@ -26,8 +26,8 @@ def test_bench_kernels_tiny_writes_json_and_markdown(tmp_path):
         assert ("lora_decode", method) in methods and ("lora_prefill", method) in methods
     assert {("attention_decode", "triton"), ("attention_prefill", "triton")} <= methods
     for result in report["results"]:
-        assert result["time_us"] > 0 and result["bytes"] > 0
+        assert result["time_us"] > 0 and result["bytes"] > 0 and result["pct_same_size_copy"] > 0
         if result["max_error"] is not None:  # every method computes the reference's result
             assert result["max_error"] < 1e-4, result
     markdown = (tmp_path / "kernels.md").read_text()
-    assert "| lora_decode" in markdown and "copy bandwidth" in markdown
+    assert "| lora_decode" in markdown and "copy bandwidth" in markdown and "% same-size copy" in markdown
