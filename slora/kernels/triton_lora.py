@@ -30,7 +30,8 @@ over the chunk's feature tiles: that loop's addresses are then affine in its ind
 pipelines its loads (`cp.async`, `num_stages` deep). With the row ids loaded inside the tile loop,
 as before, expand's loads were not pipelined at all and shrink's less well: the segment form took
 27-28% longer for the q/k/v/o LoRA of 256 decode tokens on an H200
-(bench/results/2026-12-01-h200-c6407e2).
+(bench/results/2026-12-01-h200-c6407e2). Expand's loop for ranks above BLOCK_R still loads them per
+tile and is not pipelined; no benchmark case has such ranks, so it is untimed.
 """
 
 from __future__ import annotations
@@ -300,8 +301,8 @@ class LoRAKernelConfig:
 # arguments): every launch is one of `compile_variants`, all compiled at start-up (`precompile`),
 # so no serving step waits for a compile. The segment form's values come from the H200 sweep of the
 # pipelined kernels at Llama-2-7B shapes (bench/results/2026-12-01-h200-c6407e2/kernels-check): the
-# best for decode at 64 and 256 adapters; for a 1,920-token prefill, shrink is 8% and expand (4 output
-# splits there) 11% off the best. The token form (not the engine's) keeps untuned ones.
+# best for decode at 64 and 256 adapters; for a 1,920-token prefill, shrink is 8% off the best and
+# expand, with 4 output splits there (timed in kernels/), 11%. The token form keeps untuned ones.
 GPU_DEFAULTS = {
     ("shrink", "segment"): LoRAKernelConfig(block_r=32, block_k=128, num_warps=4, num_stages=3),
     ("shrink", "token"): LoRAKernelConfig(block_r=64, block_k=256, num_warps=4),
@@ -310,10 +311,10 @@ GPU_DEFAULTS = {
 }
 FORMS = ("segment", "token")  # see the module docstring
 BLOCK_M_CHOICES = (16, 64)  # segment form: batches of mostly short segments (decode, mixed steps), of long ones
-PROGRAMS_PER_SM = 4  # splits are chosen so that a launch has at least this many programs per SM
+PROGRAMS_PER_SM = 4  # splits aim at this many programs per SM (expand's are then rounded down to a power of two)
 # ... and never fewer than these on a GPU: 2 K splits were best in every case of the sweep, even where
 # fewer already gave 4 programs per SM; expand's pipelined tile loop wants long programs (2 output
-# splits were best for decode and prefill steps; see `_expand` for its splits' sizes).
+# splits were best for q/k/v in decode and prefill steps).
 GPU_MIN_SPLIT_K, GPU_MIN_N_SPLITS = 2, 2
 
 
@@ -365,11 +366,13 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
     if op == "shrink" and sms:
         split_k = max(GPU_MIN_SPLIT_K, triton.cdiv(wanted, triton.cdiv(max_rank, block_r)))
     elif sms:
-        n_splits = max(GPU_MIN_N_SPLITS, wanted)
+        # A power of two of output splits: on the H200, 3 splits of a module's 32 tiles took 14-23% longer
+        # than 2 (q/k/v decode at 64 adapters and prefill, o decode at 256), where 2 were the best; for o at
+        # 64 adapters 8 were, 34% faster than 2.
+        n_splits = _pow2_at_most(max(GPU_MIN_N_SPLITS, wanted))
     split_k = _clamp(given.split_k or split_k, 1, min(MAX_SPLIT_K, triton.cdiv(features, block_k)))
-    # A power of two of output splits: on the H200, 3 splits of a module's 32 tiles took 15-23% longer than
-    # 2 (q/k/v decode and prefill, o decode), while 8 were within 5% of 2.
-    n_splits = _pow2_at_most(_clamp(given.n_splits or n_splits, 1, triton.cdiv(features, block_n)))
+    n_splits = _clamp(given.n_splits or n_splits, 1, triton.cdiv(features, block_n))
+    n_splits = triton.cdiv(features, triton.cdiv(triton.cdiv(features, n_splits), block_n) * block_n)  # as launched
     return LoRAKernelConfig(block_m, block_r, block_k, block_n, split_k, n_splits, m_splits,
                             given.num_warps or defaults.num_warps, given.num_stages or defaults.num_stages)
 

@@ -3,10 +3,13 @@ torch reference on random pools and adapters."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from slora.kernels.lora import LoRABatch, TorchLoRA, read_rows
+from slora.kernels import triton_lora
+from slora.kernels.lora import MODULE_INDEX, LoRABatch, TorchLoRA, read_rows
 from slora.kernels.metadata import Projection
 from slora.kernels.lora import shrink as reference_shrink
 from slora.kernels.triton_lora import LoRAKernelConfig, TritonLoRA, shrink
@@ -85,6 +88,35 @@ def test_lora_small_blocks_and_splits(batch_name, form, device):
     """Several rank tiles, several K and N steps per chunk, split-K partials, output and token splits."""
     config = LoRAKernelConfig(block_m=16, block_r=16, block_k=16, block_n=16, split_k=3, n_splits=2, m_splits=3)
     _run(batch_name, form, torch.float32, device, seed=3, config=config)
+
+
+def test_lora_splits_inside_rows_and_past_narrow_modules(device):
+    """bf16 with rank tiles of 16, so that ranks 128 and 16 take expand's two loops (several rank tiles,
+    one); shrink splits that start inside a pool row (16 of its 32 features); output splits of q/k/v that
+    start past k's and v's width."""
+    config = LoRAKernelConfig(block_m=16, block_r=16, block_k=16, block_n=16, split_k=4, n_splits=4, m_splits=2)
+    _run("mixed", "segment", torch.bfloat16, device, seed=7, config=config)
+
+
+def _segments(lengths: list[int]) -> LoRABatch:
+    """A batch of segments of `lengths` tokens (nothing in it but what launch sizes are chosen from)."""
+    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.int32)  # noqa: E731
+    modules, width = len(MODULE_INDEX), len(lengths)
+    starts = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    return LoRABatch(adapters=[], row_table=zeros(1), a_offsets=zeros(modules, width), b_offsets=zeros(modules, width),
+                     ranks=zeros(1, modules, width), scalings=zeros(1, modules, width).float(),
+                     token_indices=torch.arange(sum(lengths), dtype=torch.int32), token_adapters=zeros(sum(lengths)),
+                     segment_starts=starts, max_ranks=[[64] * modules], max_segment_len=max(lengths))
+
+
+@pytest.mark.parametrize("lengths, modules, splits", [([4] * 64, 3, 2), ([1] * 256, 3, 2), ([4] * 64, 1, 8)])
+def test_gpu_expand_splits_are_the_sweeps_best_for_decode(monkeypatch, lengths, modules, splits):
+    """On a GPU of 132 SMs, 256 decode tokens at Llama-2-7B shapes: q/k/v (3 modules) of 64 or 256 adapters,
+    o of 64 adapters get the output splits that the H200 sweep found best (bench/results/2026-12-01-h200-c6407e2)."""
+    monkeypatch.setattr(triton_lora, "multiprocessors", lambda device: 132)
+    config = triton_lora.choose_config("expand", "segment", _segments(lengths), 4096, 64, 4096, torch.device("cpu"),
+                                       num_modules=modules)
+    assert config.n_splits == splits
 
 
 @pytest.mark.parametrize("form", ["segment", "token"])
