@@ -1,7 +1,8 @@
 """Every Triton kernel compiles for an H100 (sm_90) in every configuration its launcher uses, without a GPU.
 
 The interpreter runs the kernels as Python and cannot see compile-time errors (types that do not
-unify, constexpr misuse, `tl.dot` shapes); `scripts/compile_kernels.py` compiles each to a cubin.
+unify, constexpr misuse, `tl.dot` shapes), nor how a kernel is compiled; `scripts/compile_kernels.py`
+compiles each to a cubin and counts its pipelined loads.
 """
 
 from __future__ import annotations
@@ -21,3 +22,10 @@ def test_every_kernel_compiles_for_sm90():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     # LoRA: 4 segment-form and 2 token-form variants; fused ops 3, attention 3; in fp16 and bf16; one merge.
     assert result.stdout.count("\nok ") + result.stdout.startswith("ok ") == 2 * (6 + 3 + 3) + 1
+    # The segment-form LoRA kernels' tile loads are software-pipelined, as the engine's launches compile
+    # them: without it, expand took 27% longer on an H200 (bench/results/2026-12-01-h200-c6407e2).
+    segment_lines = [line for line in result.stdout.splitlines()
+                     if "_shrink_segments" in line or "_expand_segments" in line]
+    assert len(segment_lines) == 8
+    for line in segment_lines:
+        assert int(line.rsplit("pipelined loads ", 1)[1]) > 0, line
