@@ -15,7 +15,7 @@ from slora.engine.request import Request
 from slora.engine.scheduler import ScheduledBatch
 from slora.kernels.lora import AdapterTokens, LoRABatch, TorchLoRA
 from slora.kernels.lora_ablations import PaddedBmmLoRA
-from slora.kernels.metadata import AttentionMetadata, ForwardBatch, LoRADelta, SlotTable, to_device
+from slora.kernels.metadata import AttentionMetadata, ForwardBatch, LoRADelta, SlotTable, int64_tensor
 from slora.lora.residency import AdapterResidency
 
 
@@ -84,19 +84,18 @@ def build_forward_batch(
         if end == request.num_tokens:  # the whole sequence is in the pool: its next token is due
             logits_indices.append(len(input_ids) - 1)
             sampling.append(i)
-    as_tensor = lambda values: to_device(np.asarray(values, dtype=np.int64), device)  # noqa: E731
     if backend == "triton":  # one padded table, which is all the Triton kernels read
         slot_table = SlotTable.build(query_starts, list(scheduled.num_new_tokens), context_slots, device)
         sequence_slots = None
     else:
         slot_table = None
-        sequence_slots = [to_device(slots.astype(np.int64), device) for slots in context_slots]
+        sequence_slots = [int64_tensor(slots, device) for slots in context_slots]
     slot_mapping = np.concatenate(new_slots) if new_slots else np.zeros(0, dtype=np.int32)
-    tokens = as_tensor(input_ids)
+    tokens = int64_tensor(input_ids, device)
     if pending_positions:
-        tokens[as_tensor(pending_positions)] = pending.token_ids[as_tensor(pending_rows)]
+        tokens[int64_tensor(pending_positions, device)] = pending.token_ids[int64_tensor(pending_rows, device)]
     attention = AttentionMetadata(
-        slot_mapping=as_tensor(slot_mapping),
+        slot_mapping=int64_tensor(slot_mapping, device),
         query_starts=query_starts,
         query_lens=list(scheduled.num_new_tokens),
         context_slots=sequence_slots,
@@ -105,8 +104,8 @@ def build_forward_batch(
     )
     batch = ForwardBatch(
         input_ids=tokens,
-        positions=as_tensor(positions),
-        logits_indices=as_tensor(logits_indices),
+        positions=int64_tensor(positions, device),
+        logits_indices=int64_tensor(logits_indices, device),
         attention=attention,
         kv_cache=kv_cache,
         lora=_lora_op(adapter_tokens, kv_cache, residency, device, backend, lora_kernel),
@@ -127,6 +126,6 @@ def _lora_op(adapter_tokens: dict[str, list[int]], kv_cache: list[torch.Tensor],
         from slora.kernels.triton_lora import TritonLoRA  # Triton only where it is asked for
 
         return TritonLoRA(kv_cache, lora_batch, form=triton_lora_form(lora_kernel))
-    groups = [AdapterTokens(adapter, to_device(np.asarray(tokens, dtype=np.int64), device))
+    groups = [AdapterTokens(adapter, int64_tensor(tokens, device))
               for adapter, tokens in zip(adapters, adapter_tokens.values())]
     return TorchLoRA(kv_cache, groups)

@@ -21,7 +21,6 @@ import itertools
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from slora.config import ABLATION_KERNELS, EngineConfig, triton_lora_form
@@ -32,7 +31,7 @@ from slora.engine.request import CompletionOutput, Request, RequestOutput
 from slora.engine.sampler import SampledTokens, SampleInput, SampleResult, launch
 from slora.engine.sampling_params import SamplingParams
 from slora.engine.scheduler import ScheduledBatch, Scheduler
-from slora.kernels.metadata import to_device
+from slora.kernels.metadata import int64_tensor
 from slora.lora.registry import AdapterRegistry, UnknownAdapterError
 from slora.lora.residency import AdapterResidency
 from slora.lora.store import HostStore
@@ -328,7 +327,7 @@ class LLMEngine:
             return
         if len(live) < len(requests):  # some finished with the last step's tokens: their rows are dropped
             requests = [requests[i] for i in live]
-            logits = logits[to_device(np.asarray(live, dtype=np.int64), logits.device)]
+            logits = logits[int64_tensor(live, logits.device)]
         inputs = [SampleInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in requests]
         try:
             parts = [launch(logits, inputs, self.model_config.eos_token_ids)]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from slora.engine.sampling_params import SamplingParams
-from slora.kernels.metadata import to_device
+from slora.kernels.metadata import int64_tensor, to_device
 
 
 @dataclass
@@ -49,7 +49,7 @@ class SampledTokens:
         self._top_n = [inputs[i].params.logprobs for i in self._logprob_rows]
         copies = [token_ids]
         if self._logprob_rows:
-            rows = _index(self._logprob_rows, raw.device)
+            rows = int64_tensor(self._logprob_rows, raw.device)
             logprobs = raw[rows].log_softmax(dim=-1)
             chosen = logprobs.gather(1, token_ids[rows, None]).squeeze(1)
             top_values, top_ids = logprobs.topk(max(self._top_n), dim=-1)
@@ -93,7 +93,7 @@ def launch(logits: torch.Tensor, inputs: list[SampleInput], eos_token_ids: tuple
     token_ids = logits.argmax(dim=-1)
     sampled_rows = [i for i, inp in enumerate(inputs) if not inp.params.greedy]
     if sampled_rows:
-        rows = _index(sampled_rows, logits.device)
+        rows = int64_tensor(sampled_rows, logits.device)
         probs = sampling_probs(logits[rows], [inputs[i].params for i in sampled_rows])
         token_ids[rows] = _draw(probs, [inputs[i].generator for i in sampled_rows])
     return SampledTokens(token_ids, raw, inputs)
@@ -107,7 +107,7 @@ def apply_penalties(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Te
         histories = [inputs[i].prompt_token_ids + inputs[i].output_token_ids for i in rep_rows]
         seen = _token_counts(histories, logits.shape[1], logits.device) > 0
         penalty = _column([inputs[i].params.repetition_penalty for i in rep_rows], logits)
-        index = _index(rep_rows, logits.device)
+        index = int64_tensor(rep_rows, logits.device)
         rows = logits[index]
         penalised = torch.where(rows > 0, rows / penalty, rows * penalty)
         logits[index] = torch.where(seen, penalised, rows)
@@ -120,7 +120,7 @@ def apply_penalties(logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Te
         counts = _token_counts(outputs, logits.shape[1], logits.device)
         freq = _column([inputs[i].params.frequency_penalty for i in freq_rows], logits)
         presence = _column([inputs[i].params.presence_penalty for i in freq_rows], logits)
-        logits[_index(freq_rows, logits.device)] -= freq * counts + presence * (counts > 0)
+        logits[int64_tensor(freq_rows, logits.device)] -= freq * counts + presence * (counts > 0)
     return logits
 
 
@@ -137,7 +137,7 @@ def forbid_early_stop(
             columns += stop_ids
     if rows:
         # A tensor of values, not a Python scalar: index_put_ with a scalar waits for the device.
-        logits[_index(rows, logits.device), _index(columns, logits.device)] = logits.new_full((len(rows),),
+        logits[int64_tensor(rows, logits.device), int64_tensor(columns, logits.device)] = logits.new_full((len(rows),),
                                                                                                float("-inf"))
     return logits
 
@@ -149,7 +149,7 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         return logits.softmax(dim=-1)
     sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[1]
-    top_k = _index([p.top_k if p.top_k > 0 else vocab for p in params], logits.device)
+    top_k = int64_tensor([p.top_k if p.top_k > 0 else vocab for p in params], logits.device)
     ranks = torch.arange(vocab, device=logits.device)
     drop = ranks[None, :] >= top_k[:, None]
     sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
@@ -166,7 +166,7 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     choice = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        index = _index(unseeded, probs.device)
+        index = int64_tensor(unseeded, probs.device)
         choice[index] = torch.multinomial(probs[index], 1).squeeze(1)
     for i, generator in enumerate(generators):
         if generator is not None:
@@ -186,8 +186,3 @@ def _token_counts(histories: list[list[int]], vocab: int, device: torch.device) 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return to_device(np.asarray(values, dtype=np.float32), like.device).to(like.dtype)[:, None]
-
-
-def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 tensor on `device`, copied without waiting for the device (pinned, on CUDA)."""
-    return to_device(np.asarray(values, dtype=np.int64), device)

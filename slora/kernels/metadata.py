@@ -111,6 +111,11 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
+def int64_tensor(values, device: torch.device | str) -> torch.Tensor:
+    """Integers (a list or an array) as an int64 tensor on `device`, copied as `to_device` does."""
+    return to_device(np.asarray(values, dtype=np.int64), torch.device(device))
+
+
 @dataclass
 class AttentionMetadata:
     """Where each sequence's queries are in the flat batch and where its K/V live in the pool.
