@@ -5,8 +5,10 @@
 Triton's interpreter (how CI runs the kernels on the CPU) executes them as Python, so it cannot see
 what only the compiler checks: types that do not unify, constexpr misuse, shapes `tl.dot` refuses,
 register or shared-memory limits. This compiles each kernel, in the launch configurations the
-code uses (fp16 and bf16, every constexpr branch), down to a cubin for each `--arch` (default sm_90,
-the H100), with Triton's bundled ptxas. Prints one line per compile; exits 1 if any fails.
+code uses (fp16 and bf16, every constexpr branch) and with the alignment a real model's shapes give
+(`_aligned`), down to a cubin for each `--arch` (default sm_90, the H100), with Triton's bundled
+ptxas. Prints one line per compile, with the kernel's pipelined loads (what the interpreter cannot
+show either); exits 1 if any fails.
 """
 
 from __future__ import annotations
@@ -65,51 +67,49 @@ def _options(config: triton_lora.LoRAKernelConfig) -> dict:
     return {"num_warps": config.num_warps, **({"num_stages": config.num_stages} if config.num_stages else {})}
 
 
-# LoRA's integer arguments that 16 divides at every real model's shapes (Triton specializes on that, and
-# its proof of 16-byte aligned loads rests on it).
-LORA_ALIGNED_INTS = frozenset({"stride_x", "stride_y", "in_features", "kv_dim"})
+# Integer arguments that 16 divides at every real model's shapes (Triton specializes on that, and its
+# proof of 16-byte aligned loads rests on it): strides and model dimensions.
+ALIGNED_DIMENSIONS = frozenset({"in_features", "kv_dim", "head_dim", "hidden"})
 
 
-def _lora_aligned(kernel) -> frozenset[str]:
-    """The arguments a LoRA launch at a real model's shapes specializes as divisible by 16: the model's
-    dimensions and every pointer but the views at a batch-dependent offset."""
+def _aligned(kernel) -> frozenset[str]:
+    """The arguments a launch at a real model's shapes specializes as divisible by 16: pointers but the
+    views at a batch-dependent offset, strides and model dimensions but those left unspecialized."""
+    views, unspecialized = set(kernel.do_not_specialize_on_alignment), set(kernel.do_not_specialize)
     return frozenset(n for n in kernel.arg_names
-                     if n in LORA_ALIGNED_INTS or (n.endswith("_ptr") and n not in triton_lora._BATCH_VIEWS))
+                     if (n.endswith("_ptr") and n not in views)
+                     or ((n.startswith("stride_") or n in ALIGNED_DIMENSIONS) and n not in unspecialized))
 
 
-def cases() -> list[tuple[object, dict[str, str], dict, dict, frozenset[str]]]:
-    """(kernel, pointer types, constexprs, options, arguments divisible by 16): every constexpr branch the
-    launchers can take (LoRA variants, GQA, residual or not), in fp16 and bf16, at the block sizes they
-    use on a GPU; LoRA's as a launch at a real model's shapes specializes them."""
+def cases() -> list[tuple[object, dict[str, str], dict, dict]]:
+    """(kernel, pointer types, constexprs, options): every constexpr branch the launchers can take (LoRA
+    variants, GQA, residual or not), in fp16 and bf16, at the block sizes they use on a GPU."""
     out = []
     for data in ("*fp16", "*bf16"):
         lora = _pointers(data, v_ptr="*fp32")  # LoRA's v is the float32 shrink result
         for form in triton_lora.FORMS:  # exactly the variants a GPU launches (and compiles at start-up)
             for op, config in triton_lora.compile_variants(form):
-                kernel = LORA_KERNELS[(op, form)]
-                out.append((kernel, lora, _lora_constexprs(op, form, config), _options(config),
-                            _lora_aligned(kernel)))
+                out.append((LORA_KERNELS[(op, form)], lora, _lora_constexprs(op, form, config), _options(config)))
         fused = _pointers(data, positions_ptr="*i64", slots_ptr="*i64")
         for c in _grid(HAS_RESIDUAL=(False, True), BLOCK=(4096,)):
-            out.append((triton_fused._add_rms_norm, fused, c, {}, frozenset()))
-        out.append((triton_fused._rotate_and_write_kv, fused, {"BLOCK_H": 32, "BLOCK_KVH": 8, "BLOCK_D": 64}, {},
-                    frozenset()))
+            out.append((triton_fused._add_rms_norm, fused, c, {}))
+        out.append((triton_fused._rotate_and_write_kv, fused, {"BLOCK_H": 32, "BLOCK_KVH": 8, "BLOCK_D": 64}, {}))
         attention = _pointers(data)
         for c in _grid(GROUP=(1, 8)):
             out.append((triton_attention._decode, attention,
-                        c | {"BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "DOT_MODE": "native"}, {}, frozenset()))
+                        c | {"BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "DOT_MODE": "native"}, {}))
         out.append((triton_attention._prefill, attention,
-                    {"GROUP": 4, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "DOT_MODE": "native"}, {},
-                    frozenset()))
+                    {"GROUP": 4, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "DOT_MODE": "native"}, {}))
     out.append((triton_attention._merge_splits, _pointers("*fp16"),
-                {"BLOCK_S": triton_attention.MAX_DECODE_SPLITS, "BLOCK_D": 128}, {}, frozenset()))
+                {"BLOCK_S": triton_attention.MAX_DECODE_SPLITS, "BLOCK_D": 128}, {}))
     return out
 
 
-def compile_case(kernel, pointers: dict[str, str], constexprs: dict, options: dict, aligned: frozenset[str],
+def compile_case(kernel, pointers: dict[str, str], constexprs: dict, options: dict,
                  arch: int) -> tuple[str | None, int]:
     """(None if the kernel compiles to a cubin, else the error; its pipelined loads: `cp.async` copies in
-    its PTX, what Triton's software pipelining issues)."""
+    its PTX, what Triton's software pipelining issues), compiled as a launch at a real model's shapes
+    specializes it."""
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -117,7 +117,8 @@ def compile_case(kernel, pointers: dict[str, str], constexprs: dict, options: di
         else:
             signature[name] = pointers.get(name, "fp32" if name in FLOAT_SCALARS else "i32")
     fixed = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned if name not in constexprs}
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in _aligned(kernel)
+             if name not in constexprs}
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=fixed, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32), options=options)
@@ -133,8 +134,8 @@ def main() -> int:
     args = parser.parse_args()
     failures = 0
     for arch in args.arch or [90]:
-        for kernel, pointers, constexprs, options, aligned in cases():
-            error, pipelined = compile_case(kernel, pointers, constexprs, options, aligned, arch)
+        for kernel, pointers, constexprs, options in cases():
+            error, pipelined = compile_case(kernel, pointers, constexprs, options, arch)
             data = pointers["q_ptr"].removeprefix("*")
             print(f"{'FAIL' if error else 'ok  '} sm_{arch} {kernel.__name__:<22} {data:<5} {constexprs} "
                   f"pipelined loads {pipelined}" + (f"\n     {error[:2000]}" if error else ""), flush=True)

@@ -642,7 +642,8 @@ def write_report(report: Report, output: Path) -> None:
         speedup = f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference else ""
         error = f"{r.max_error:.1e}" if r.max_error is not None else ""
         lines.append(f"| {r.case} | {r.method} | {r.time_us:.1f} | {r.gbps:.1f} | {r.pct_copy_bandwidth:.1f} | "
-                     f"{r.pct_same_size_copy:.1f} | {r.tflops:.2f} | {r.pct_matmul_peak:.1f} | {speedup} | {error} | {r.config or ''} |")
+                     f"{r.pct_same_size_copy:.1f} | {r.tflops:.2f} | {r.pct_matmul_peak:.1f} | {speedup} | {error} "
+                     f"| {r.config or ''} |")
     (output / "kernels.md").write_text("\n".join(lines) + "\n")
 
 

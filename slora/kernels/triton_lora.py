@@ -248,8 +248,8 @@ def _shrink_tokens(x_ptr, stride_x, rows_ptr, row_table_ptr, a_offsets_ptr, rank
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = k0 + offs_bk < k_end
         x = tl.load(x_ptr + token * stride_x + k0 + offs_bk, mask=k_mask, other=0.0)
-        a = tl.load(_chunk_rows(rows_ptr, row_table_ptr, a_rows, k0 // kv_dim, r_mask, kv_dim) + (k0 + offs_bk)[None, :],
-                    mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        a_base = _chunk_rows(rows_ptr, row_table_ptr, a_rows, k0 // kv_dim, r_mask, kv_dim)
+        a = tl.load(a_base + (k0 + offs_bk)[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
     out, split_stride = _v_rows(v_ptr, v_split16, v_row16, p, split_k, position)
     tl.store(out + pid_k * split_stride + offs_r, acc, mask=r_mask)

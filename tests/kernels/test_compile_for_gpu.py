@@ -22,10 +22,11 @@ def test_every_kernel_compiles_for_sm90():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     # LoRA: 4 segment-form and 2 token-form variants; fused ops 3, attention 3; in fp16 and bf16; one merge.
     assert result.stdout.count("\nok ") + result.stdout.startswith("ok ") == 2 * (6 + 3 + 3) + 1
-    # The segment-form LoRA kernels' tile loads are software-pipelined, as the engine's launches compile
-    # them: without it, expand took 27% longer on an H200 (bench/results/2026-12-01-h200-c6407e2).
-    segment_lines = [line for line in result.stdout.splitlines()
-                     if "_shrink_segments" in line or "_expand_segments" in line]
-    assert len(segment_lines) == 8
-    for line in segment_lines:
+    # The kernels that stream the pool have their loads software-pipelined, as real launches compile them:
+    # without it (expand's loads were not), the q/k/v/o LoRA of 256 decode tokens took 27-28% longer on an
+    # H200 (bench/results/2026-12-01-h200-c6407e2).
+    streaming = [line for line in result.stdout.splitlines()
+                 if any(name in line for name in ("_shrink_segments", "_expand_segments", "_decode ", "_prefill "))]
+    assert len(streaming) == 2 * (4 + 3)
+    for line in streaming:
         assert int(line.rsplit("pipelined loads ", 1)[1]) > 0, line
