@@ -301,8 +301,8 @@ class LoRAKernelConfig:
 # arguments): every launch is one of `compile_variants`, all compiled at start-up (`precompile`),
 # so no serving step waits for a compile. The segment form's values come from the H200 sweep of the
 # pipelined kernels at Llama-2-7B shapes (bench/results/2026-12-01-h200-c6407e2/kernels-check): the
-# best for decode at 64 and 256 adapters; for a 1,920-token prefill, shrink is 8% off the best and
-# expand, with 4 output splits there (timed in kernels/), 11%. The token form keeps untuned ones.
+# best for decode at 64 and 256 adapters; for a 1,920-token prefill, shrink is 6-8% off the best.
+# The token form keeps untuned ones.
 GPU_DEFAULTS = {
     ("shrink", "segment"): LoRAKernelConfig(block_r=32, block_k=128, num_warps=4, num_stages=3),
     ("shrink", "token"): LoRAKernelConfig(block_r=64, block_k=256, num_warps=4),
@@ -312,6 +312,10 @@ GPU_DEFAULTS = {
 FORMS = ("segment", "token")  # see the module docstring
 BLOCK_M_CHOICES = (16, 64)  # segment form: batches of mostly short segments (decode, mixed steps), of long ones
 PROGRAMS_PER_SM = 4  # splits aim at this many programs per SM (expand's are then rounded down to a power of two)
+# ... but expand over blocks of 64 tokens (prefill) at half as many: each program then does 4x the work per B
+# tile. On the H200, a 1,920-token prefill's q/k/v expand took 46.7 us with 2 output splits against 51.7 with the
+# 4 that 4 per SM gave, and o 24.9 us with 8 against 31.2 with 16 (bench/results/2026-12-01-h200-8268090).
+EXPAND_LONG_BLOCK_PROGRAMS_PER_SM = 2
 # ... and never fewer than these on a GPU: 2 K splits were best in every case of the sweep, even where
 # fewer already gave 4 programs per SM; expand's pipelined tile loop wants long programs (2 output
 # splits were best for q/k/v in decode and prefill steps).
@@ -361,7 +365,8 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
     block_n = min(given.block_n or defaults.block_n or 128, feature_block, _pow2_at_least(features))
     m_splits = given.m_splits or (min(triton.cdiv(max_segment, block_m), MAX_M_SPLITS) if sms else 1)
     units = (batch.num_tokens if form == "token" else len(batch.work_items(block_m, m_splits))) * num_modules
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, units) if sms else 1
+    per_sm = EXPAND_LONG_BLOCK_PROGRAMS_PER_SM if op == "expand" and block_m > BLOCK_M_CHOICES[0] else PROGRAMS_PER_SM
+    wanted = triton.cdiv(per_sm * sms, units) if sms else 1
     split_k, n_splits = 1, 1
     if op == "shrink" and sms:
         split_k = max(GPU_MIN_SPLIT_K, triton.cdiv(wanted, triton.cdiv(max_rank, block_r)))

@@ -109,10 +109,15 @@ def _segments(lengths: list[int]) -> LoRABatch:
                      segment_starts=starts, max_ranks=[[64] * modules], max_segment_len=max(lengths))
 
 
-@pytest.mark.parametrize("lengths, modules, splits", [([4] * 64, 3, 2), ([1] * 256, 3, 2), ([4] * 64, 1, 8)])
-def test_gpu_expand_splits_are_the_sweeps_best_for_decode(monkeypatch, lengths, modules, splits):
-    """On a GPU of 132 SMs, 256 decode tokens at Llama-2-7B shapes: q/k/v (3 modules) of 64 or 256 adapters,
-    o of 64 adapters get the output splits that the H200 sweep found best (bench/results/2026-12-01-h200-c6407e2)."""
+PREFILL = [512, 512, 256, 256, 128, 128, 64, 64]  # `slora bench kernels`' prefill case
+
+
+@pytest.mark.parametrize("lengths, modules, splits", [([4] * 64, 3, 2), ([1] * 256, 3, 2), ([4] * 64, 1, 8),
+                                                      (PREFILL, 3, 2), (PREFILL, 1, 8)])
+def test_gpu_expand_splits_are_the_best_measured(monkeypatch, lengths, modules, splits):
+    """On a GPU of 132 SMs at Llama-2-7B shapes, q/k/v (3 modules) and o get the output splits that were
+    fastest on an H200: 256 decode tokens of 64 or 256 adapters (bench/results/2026-12-01-h200-c6407e2)
+    and a 1,920-token prefill of 8 adapters (bench/results/2026-12-01-h200-8268090)."""
     monkeypatch.setattr(triton_lora, "multiprocessors", lambda device: 132)
     config = triton_lora.choose_config("expand", "segment", _segments(lengths), 4096, 64, 4096, torch.device("cpu"),
                                        num_modules=modules)
