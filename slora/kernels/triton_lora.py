@@ -314,7 +314,7 @@ BLOCK_M_CHOICES = (16, 64)  # segment form: batches of mostly short segments (de
 PROGRAMS_PER_SM = 4  # splits aim at this many programs per SM (expand's are then rounded down to a power of two)
 # ... but expand over blocks of 64 tokens (prefill) at half as many: each program then does 4x the work per B
 # tile. On the H200, a 1,920-token prefill's q/k/v expand took 46.7 us with 2 output splits against 51.7 with the
-# 4 that 4 per SM gave, and o 24.9 us with 8 against 31.2 with 16 (bench/results/2026-12-01-h200-8268090).
+# 4 that 4 per SM gave, and o 24.9 us with 8 against 31.2 with 16 (bench/results/2026-12-01-h200-30dec53/structure).
 EXPAND_LONG_BLOCK_PROGRAMS_PER_SM = 2
 # ... and never fewer than these on a GPU: 2 K splits were best in every case of the sweep, even where
 # fewer already gave 4 programs per SM; expand's pipelined tile loop wants long programs (2 output
