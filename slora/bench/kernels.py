@@ -12,7 +12,9 @@ For one model shape (Llama-2-7B by default) and dtype, on synthetic weights in s
   (the segment kernel over copies of the adapters padded to the largest rank);
 - paged attention: decode at 1k and 4k contexts, and a prefill;
 - the fused small ops (residual + RMSNorm, rotary + K/V write) against the torch ops the reference
-  model runs, at the decode batch's token count.
+  model runs, at the decode batch's token count;
+- for each LoRA case, q/k/v's base GEMM alone, followed by its LoRA (as steps run them), and with the
+  LoRA shrink on a side stream beside the GEMM: what overlapping the two would save.
 
 Each kernel's time is reported with the bandwidth it achieves over the bytes it must read and write
 (the batch's distinct adapters' A and B once, x, y read and written; K/V of every context once),
@@ -345,6 +347,8 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
 
         results.append(Result(case, method, measure(run), num_bytes, flops, max_error=error))
     results += _lora_single_ops(case, methods, xs, y0, projections[0], ranks, distinct, shapes, measure, sweep)
+    results += _beside_base_gemm(case, methods["triton_segment"], xs[projections[0]], projections[0], ranks, distinct,
+                                 shapes, measure, generator)
     return results
 
 
@@ -419,6 +423,54 @@ def _lora_single_ops(case, methods, xs, y0, projection: Projection, ranks, disti
                                       config=_config_text(best),
                                       sweep=[(_config_text(c), round(t, 2)) for t, c in timed]))
     return results
+
+
+def _beside_base_gemm(case, op, x: torch.Tensor, projection: Projection, ranks, distinct, shapes, measure,
+                      generator: torch.Generator) -> list[Result]:
+    """The projection's base GEMM and its LoRA (segment form), as a step runs them now (one after the
+    other) and with shrink on a side stream beside the GEMM (both read only x; expand waits for both),
+    each captured as one graph: what overlapping LoRA with the base model's GEMM would save. On the
+    CPU there is no side stream, and the two run the same."""
+    from slora.kernels.triton_lora import expand, shrink
+
+    batch, rows = op.batch, op.layers[0].view(-1, op.layers[0].shape[-2] * op.layers[0].shape[-1])
+    out_features = sum(projection.widths)
+    weight = (torch.randn(out_features, x.shape[1], generator=generator) / x.shape[1] ** 0.5).to(x.device, x.dtype)
+    y = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    side = torch.cuda.Stream(x.device) if x.device.type == "cuda" else None
+
+    def gemm() -> None:
+        torch.matmul(x, weight.t(), out=y)
+
+    def then_lora() -> None:
+        gemm()
+        expand(y, shrink(x, rows, batch, 0, projection), rows, batch, 0, projection)
+
+    def beside() -> None:
+        if side is None:
+            return then_lora()
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            shrunk = shrink(x, rows, batch, 0, projection)
+        gemm()
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        expand(y, shrunk, rows, batch, 0, projection)
+
+    then_lora()
+    expected = y.clone()
+    beside()
+    if side is not None:
+        torch.cuda.current_stream(x.device).synchronize()
+    error = ((y.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+    element, num_modules = x.element_size(), len(projection.modules)
+    gemm_bytes = (weight.numel() + x.numel() + y.numel()) * element
+    lora_bytes = (sum(ranks[j] for j in distinct) * (x.shape[1] * num_modules + out_features) + 2 * y.numel()) * element
+    gemm_flops = 2 * x.shape[0] * x.shape[1] * out_features
+    name = "+".join(m.removesuffix("_proj") for m in projection.modules)
+    return [Result(case, f"base_gemm[{name}]", measure(gemm), gemm_bytes, gemm_flops),
+            Result(case, f"base_gemm_then_lora[{name}]", measure(then_lora), gemm_bytes + lora_bytes, gemm_flops),
+            Result(case, f"base_gemm_beside_shrink[{name}]", measure(beside), gemm_bytes + lora_bytes, gemm_flops,
+                   max_error=error)]
 
 
 def _adapter_ids(batch: LoRABatch, distinct: dict[int, ResidentAdapter]) -> list[int]:

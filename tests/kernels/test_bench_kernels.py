@@ -25,6 +25,8 @@ def test_bench_kernels_tiny_writes_json_and_markdown(tmp_path):
     for method in ("torch_reference", "triton_segment", "triton_token", "triton_padded", "gather_bmm", "padded_bmm"):
         assert ("lora_decode", method) in methods and ("lora_prefill", method) in methods
     assert {("attention_decode", "triton"), ("attention_prefill", "triton")} <= methods
+    for method in ("base_gemm[q+k+v]", "base_gemm_then_lora[q+k+v]", "base_gemm_beside_shrink[q+k+v]"):
+        assert ("lora_decode", method) in methods
     for result in report["results"]:
         assert result["time_us"] > 0 and result["bytes"] > 0 and result["pct_same_size_copy"] > 0
         if result["max_error"] is not None:  # every method computes the reference's result
