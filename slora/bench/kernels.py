@@ -348,7 +348,7 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
         results.append(Result(case, method, measure(run), num_bytes, flops, max_error=error))
     results += _lora_single_ops(case, methods, xs, y0, projections[0], ranks, distinct, shapes, measure, sweep)
     results += _beside_base_gemm(case, methods["triton_segment"], xs[projections[0]], projections[0], ranks, distinct,
-                                 shapes, measure, generator)
+                                 measure, generator)
     return results
 
 
@@ -425,7 +425,7 @@ def _lora_single_ops(case, methods, xs, y0, projection: Projection, ranks, disti
     return results
 
 
-def _beside_base_gemm(case, op, x: torch.Tensor, projection: Projection, ranks, distinct, shapes, measure,
+def _beside_base_gemm(case, op, x: torch.Tensor, projection: Projection, ranks, distinct, measure,
                       generator: torch.Generator) -> list[Result]:
     """The projection's base GEMM and its LoRA (segment form), as a step runs them now (one after the
     other) and with shrink on a side stream beside the GEMM (both read only x; expand waits for both),
@@ -456,12 +456,15 @@ def _beside_base_gemm(case, op, x: torch.Tensor, projection: Projection, ranks, 
         torch.cuda.current_stream(x.device).wait_stream(side)
         expand(y, shrunk, rows, batch, 0, projection)
 
+    gemm()
+    base = y.float().clone()  # (.float() of a float32 tensor is the tensor itself)
     then_lora()
-    expected = y.clone()
+    expected = y.float().clone()
     beside()
     if side is not None:
         torch.cuda.current_stream(x.device).synchronize()
-    error = ((y.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+    # Relative to the LoRA delta (as every other row's error): a shrink that raced the GEMM shows here.
+    error = ((y.float() - expected).abs().max() / (expected - base).abs().max()).item()
     element, num_modules = x.element_size(), len(projection.modules)
     gemm_bytes = (weight.numel() + x.numel() + y.numel()) * element
     lora_bytes = (sum(ranks[j] for j in distinct) * (x.shape[1] * num_modules + out_features) + 2 * y.numel()) * element
