@@ -260,6 +260,21 @@ def groups_of(token_adapters: list[int], adapters: list[ResidentAdapter], device
     return [AdapterTokens(adapters[a], torch.tensor(tokens, device=device)) for a, tokens in sorted(by_adapter.items())]
 
 
+def copies_time(sizes: list[int], device: torch.device, dtype: torch.dtype, measure) -> float:
+    """Microseconds of one elementwise copy kernel per entry of `sizes` (bytes each moves, read + write),
+    run one after another and timed as one call (on CUDA: one graph, like the kernels)."""
+    pairs = []
+    for nbytes in sizes:
+        source = torch.ones(max(1, nbytes // 2 // dtype.itemsize), dtype=dtype, device=device)
+        pairs.append((source, torch.empty_like(source)))
+
+    def copy_all() -> None:
+        for source, target in pairs:
+            torch.mul(source, 1, out=target)
+
+    return measure(copy_all)
+
+
 class SameSizeCopy:
     """GB/s of an elementwise copy kernel that moves a given number of bytes (read + write), timed like the
     kernels. A launch that moves tens of MB cannot reach a large copy's rate (on an H200, 43% of it at
@@ -272,11 +287,8 @@ class SameSizeCopy:
 
     def gbps(self, nbytes: int) -> float:
         if nbytes not in self._gbps:
-            elements = max(1, nbytes // 2 // self.dtype.itemsize)
-            source = torch.ones(elements, dtype=self.dtype, device=self.device)
-            target = torch.empty_like(source)
-            seconds = self.measure(lambda: torch.mul(source, 1, out=target)) / 1e6
-            self._gbps[nbytes] = 2 * elements * self.dtype.itemsize / seconds / 1e9
+            moved = 2 * max(1, nbytes // 2 // self.dtype.itemsize) * self.dtype.itemsize
+            self._gbps[nbytes] = moved / (copies_time([nbytes], self.device, self.dtype, self.measure) / 1e6) / 1e9
         return self._gbps[nbytes]
 
 
@@ -346,10 +358,29 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
                 op.add_delta(ys[p], xs[p], 0, p)
 
         results.append(Result(case, method, measure(run), num_bytes, flops, max_error=error))
+    results.append(_copy_per_launch_bound(case, projections, shapes, sum(ranks[j] for j in distinct), num_tokens,
+                                          pool, measure))
     results += _lora_single_ops(case, methods, xs, y0, projections[0], ranks, distinct, shapes, measure, sweep)
     results += _beside_base_gemm(case, methods["triton_segment"], xs[projections[0]], projections[0], ranks, distinct,
                                  measure, generator)
     return results
+
+
+def _copy_per_launch_bound(case: str, projections: list[Projection], shapes: dict, rank_sum: int, num_tokens: int,
+                           pool: torch.Tensor, measure) -> Result:
+    """One copy kernel per launch of the op (each projection's shrink: its modules' A and x; its expand: B,
+    y read and written), moving that launch's bytes, all in one graph: what the op would take if every
+    launch were as fast as a copy of its size. Its % of copy bandwidth bounds any op of these launches."""
+    sizes, names = [], []
+    for p in projections:
+        in_features, out_features = shapes[p.modules[0]][0], sum(p.widths)
+        sizes += [(rank_sum * in_features * len(p.modules) + num_tokens * in_features) * pool.element_size(),
+                  (rank_sum * out_features + 2 * num_tokens * out_features) * pool.element_size()]
+        name = "+".join(m.removesuffix("_proj") for m in p.modules)
+        names += [f"{name} shrink", f"{name} expand"]
+    layout = ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in zip(names, sizes))
+    return Result(case, f"copy_per_launch_bound[{len(sizes)} launches]",
+                  copies_time(sizes, pool.device, pool.dtype, measure), sum(sizes), 0, config=layout)
 
 
 def _sweep_configs(op: str) -> list:
@@ -687,7 +718,9 @@ def write_report(report: Report, output: Path) -> None:
         "Bandwidth is over the bytes the op must move (distinct adapters' A and B once, x, y read and "
         "written; each context's K/V once), whatever the method reads in fact. \"% same-size copy\" is of what an "
         "elementwise copy kernel moving those bytes reaches, timed the same way: small launches cannot reach the "
-        "large copy's rate.",
+        "large copy's rate. A LoRA case's `copy_per_launch_bound` row is one copy per launch of the op, each moving that "
+        "launch's bytes, in one graph: the % of copy bandwidth an op of those launches would reach if each were as fast "
+        "as a copy of its size.",
         "",
         "| case | method | time (us) | GB/s | % copy BW | % same-size copy | TFLOP/s | % matmul peak | vs reference "
         "| max rel. error | config |",

@@ -27,6 +27,11 @@ def test_bench_kernels_tiny_writes_json_and_markdown(tmp_path):
     assert {("attention_decode", "triton"), ("attention_prefill", "triton")} <= methods
     for method in ("base_gemm[q+k+v]", "base_gemm_then_lora[q+k+v]", "base_gemm_beside_shrink[q+k+v]"):
         assert ("lora_decode", method) in methods
+    by_method = {(r["case"], r["method"]): r for r in report["results"]}
+    for case in {r["case"] for r in report["results"] if r["case"].startswith("lora_")}:
+        # The bound's copies move exactly the op's bytes, one copy per launch (q/k/v and o: 2 launches each).
+        bound = by_method[(case, "copy_per_launch_bound[4 launches]")]
+        assert bound["bytes"] == by_method[(case, "triton_segment")]["bytes"], case
     for result in report["results"]:
         assert result["time_us"] > 0 and result["bytes"] > 0 and result["pct_same_size_copy"] > 0
         if result["max_error"] is not None:  # every method computes the reference's result
