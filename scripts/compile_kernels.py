@@ -60,11 +60,9 @@ def _lora_constexprs(op: str, form: str, config: triton_lora.LoRAKernelConfig) -
     out.update({"BLOCK_K": config.block_k} if op == "shrink" else {"BLOCK_N": config.block_n, "WIDTH_UNIT": 16})
     if form == "segment":
         out.update({"BLOCK_M": config.block_m, "DOT_MODE": "native"})
+        if op == "expand":
+            out["Y_IN_PIPELINE"] = triton_lora.expand_pipelines_y(form, config.block_m)
     return out
-
-
-def _options(config: triton_lora.LoRAKernelConfig) -> dict:
-    return {"num_warps": config.num_warps, **({"num_stages": config.num_stages} if config.num_stages else {})}
 
 
 # Integer arguments that 16 divides at every real model's shapes (Triton specializes on that, and its
@@ -89,7 +87,8 @@ def cases() -> list[tuple[object, dict[str, str], dict, dict]]:
         lora = _pointers(data, v_ptr="*fp32")  # LoRA's v is the float32 shrink result
         for form in triton_lora.FORMS:  # exactly the variants a GPU launches (and compiles at start-up)
             for op, config in triton_lora.compile_variants(form):
-                out.append((LORA_KERNELS[(op, form)], lora, _lora_constexprs(op, form, config), _options(config)))
+                out.append((LORA_KERNELS[(op, form)], lora, _lora_constexprs(op, form, config),
+                            triton_lora.launch_options(config)))
         fused = _pointers(data, positions_ptr="*i64", slots_ptr="*i64")
         for c in _grid(HAS_RESIDUAL=(False, True), BLOCK=(4096,)):
             out.append((triton_fused._add_rms_norm, fused, c, {}))

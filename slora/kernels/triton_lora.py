@@ -185,7 +185,7 @@ def _expand_segments(y_ptr, stride_y, v_ptr, v_split16, v_row16, split_k, rows_p
                      ranks_ptr, scalings_ptr, modules_ptr, table_width, columns_ptr, widths_ptr, b_chunks_ptr,
                      token_indices_ptr, segment_starts_ptr, items_ptr, kv_dim, n_splits, n_steps, max_m_splits,
                      BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH_UNIT: tl.constexpr,
-                     DOT_MODE: tl.constexpr):
+                     DOT_MODE: tl.constexpr, Y_IN_PIPELINE: tl.constexpr):
     j, first_m, segment_end, m_stride = _segment_item(items_ptr, segment_starts_ptr, max_m_splits, BLOCK_M)
     p, rank, scaling, n_start, n_end, column, b_offset, b_chunks = _expand_program(
         tl.program_id(1), modules_ptr, columns_ptr, widths_ptr, b_chunks_ptr, b_offsets_ptr, ranks_ptr, scalings_ptr,
@@ -203,15 +203,24 @@ def _expand_segments(y_ptr, stride_y, v_ptr, v_split16, v_row16, split_k, rows_p
             r_mask = offs_r < rank
             v = _load_v(v_ptr, v_split16, v_row16, p, split_k, offs_m[:, None], offs_r[None, :],
                         m_mask[:, None] & r_mask[None, :]).to(rows_ptr.dtype.element_ty)
+            if Y_IN_PIPELINE:  # y's tile enters a product too (`identity @ y`), so that its load is pipelined
+                block_rows = tl.arange(0, BLOCK_M)
+                # (tl.where: Triton's interpreter casts a bool tensor to bfloat16 wrongly)
+                identity = tl.where(block_rows[:, None] == block_rows[None, :], 1.0, 0.0).to(y_ptr.dtype.element_ty)
             for chunk in range(n_start // kv_dim, tl.cdiv(n_end, kv_dim)):
                 b_base = _chunk_rows(rows_ptr, row_table_ptr, b_offset + offs_r * b_chunks, chunk, r_mask, kv_dim)
                 chunk_end = tl.minimum(n_end, chunk * kv_dim + kv_dim)
                 for n0 in range(tl.maximum(n_start, chunk * kv_dim), chunk_end, BLOCK_N):
                     n_mask = n0 + offs_bn < chunk_end
                     b = tl.load(b_base + (n0 + offs_bn)[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                    # The product before y's load: with y loaded first, the loop took 28% longer on an H200.
-                    acc = dot(v, b, DOT_MODE)
-                    _add_to_y(y_rows, n0 + offs_bn, m_mask, n_mask, scaling, acc)
+                    if Y_IN_PIPELINE:
+                        y_ptrs, y_mask = y_rows + (n0 + offs_bn)[None, :], m_mask[:, None] & n_mask[None, :]
+                        y = (dot(identity, tl.load(y_ptrs, mask=y_mask, other=0.0), DOT_MODE)
+                             + scaling * dot(v, b, DOT_MODE))
+                        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+                    else:
+                        # The product before y's load: with y loaded first, the loop took 28% longer on an H200.
+                        _add_to_y(y_rows, n0 + offs_bn, m_mask, n_mask, scaling, dot(v, b, DOT_MODE))
         else:  # several rank tiles, summed in float32 before y is rounded once
             for n0 in range(n_start, n_end, BLOCK_N):
                 n_mask = n0 + offs_bn < n_end
@@ -295,6 +304,7 @@ class LoRAKernelConfig:
     m_splits: int | None = None  # the most programs along one segment's tokens (segment form)
     num_warps: int | None = None
     num_stages: int | None = None  # None: Triton's default
+    max_registers: int | None = None  # per thread (Triton's `maxnreg`); None: the compiler's choice
 
 
 # On a GPU the compiled block sizes never depend on the batch (only grids and splits do, which are
@@ -316,6 +326,15 @@ PROGRAMS_PER_SM = 4  # splits aim at this many programs per SM (expand's are the
 # tile. On the H200, a 1,920-token prefill's q/k/v expand took 46.7 us with 2 output splits against 51.7 with the
 # 4 that 4 per SM gave, and o 24.9 us with 8 against 31.2 with 16 (bench/results/2026-12-01-h200-30dec53/structure).
 EXPAND_LONG_BLOCK_PROGRAMS_PER_SM = 2
+# Expand over blocks of up to this many tokens (decode, mixed steps) passes y's tiles through the pipeline
+# (`Y_IN_PIPELINE`) and is held to EXPAND_PIPELINED_Y_REGISTERS registers a thread. Loaded in its own
+# step, y's tile made every step wait a memory latency: through the pipeline the q/k/v/o LoRA of 256 decode
+# tokens took 71.6 us instead of 75.5 at 64 adapters and 180.9 instead of 186.4 at 256 on the H200. Without
+# the register cap the kernel took 164 registers, 3 programs an SM instead of 4, and o's expand lost what
+# q/k/v's gained; over 64-token blocks y's stages doubled the shared memory and prefill took 16% longer
+# (bench/results/2026-12-01-h200-7f313e4/structure).
+PIPELINED_Y_MAX_BLOCK_M = BLOCK_M_CHOICES[0]
+EXPAND_PIPELINED_Y_REGISTERS = 128
 # ... and never fewer than these on a GPU: 2 K splits were best in every case of the sweep, even where
 # fewer already gave 4 programs per SM; expand's pipelined tile loop wants long programs (2 output
 # splits were best for q/k/v in decode and prefill steps).
@@ -379,7 +398,23 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
     n_splits = _clamp(given.n_splits or n_splits, 1, triton.cdiv(features, block_n))
     n_splits = triton.cdiv(features, triton.cdiv(triton.cdiv(features, n_splits), block_n) * block_n)  # as launched
     return LoRAKernelConfig(block_m, block_r, block_k, block_n, split_k, n_splits, m_splits,
-                            given.num_warps or defaults.num_warps, given.num_stages or defaults.num_stages)
+                            given.num_warps or defaults.num_warps, given.num_stages or defaults.num_stages,
+                            given.max_registers or (_gpu_max_registers(op, form, block_m) if sms else None))
+
+
+def expand_pipelines_y(form: str, block_m: int | None) -> bool:
+    """Whether the expand kernel of `form` over blocks of `block_m` tokens loads y through its pipeline."""
+    return form == "segment" and block_m is not None and block_m <= PIPELINED_Y_MAX_BLOCK_M
+
+
+def _gpu_max_registers(op: str, form: str, block_m: int | None) -> int | None:
+    return EXPAND_PIPELINED_Y_REGISTERS if op == "expand" and expand_pipelines_y(form, block_m) else None
+
+
+def launch_options(config: LoRAKernelConfig) -> dict:
+    """Triton's launch options of a configuration: warps, and stages and a register cap where set."""
+    return {"num_warps": config.num_warps, **({"num_stages": config.num_stages} if config.num_stages else {}),
+            **({"maxnreg": config.max_registers} if config.max_registers else {})}
 
 
 _SM_COUNTS: dict[int, int] = {}
@@ -463,7 +498,7 @@ def _shrink(x: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, p
     tail = (v, v.stride(0) // 16, v_row // 16, in_features, kv_dim, triton.cdiv(in_features, kv_dim), k_steps,
             split_k, rank_tiles)
     programs = num_modules * rank_tiles * split_k
-    options = {"num_warps": c.num_warps, **({"num_stages": c.num_stages} if c.num_stages else {})}
+    options = launch_options(c)
     if form == "segment":
         items = batch.work_items(c.block_m, c.m_splits)
         _shrink_segments[(len(items), programs)](
@@ -496,13 +531,13 @@ def _expand(y: torch.Tensor, shrunk: Shrunk, rows: torch.Tensor, batch: LoRABatc
               batch.b_offsets, batch.ranks[layer], batch.scalings[layer], tables.modules, batch.table_width,
               tables.columns, tables.widths, tables.b_chunks, batch.token_indices)
     programs = len(projection.modules) * n_splits
-    options = {"num_warps": c.num_warps, **({"num_stages": c.num_stages} if c.num_stages else {})}
+    options = launch_options(c)
     if form == "segment":
         items = batch.work_items(c.block_m, c.m_splits)
         _expand_segments[(len(items), programs)](
             *common, batch.segment_starts, items, kv_dim, n_splits, n_steps, c.m_splits, BLOCK_M=c.block_m,
             BLOCK_R=c.block_r, BLOCK_N=c.block_n, WIDTH_UNIT=tables.width_unit, DOT_MODE=dot_mode(rows.dtype),
-            **options)
+            Y_IN_PIPELINE=expand_pipelines_y(form, c.block_m), **options)
     else:
         _expand_tokens[(batch.num_tokens, programs)](
             *common, batch.token_adapters, kv_dim, n_splits, n_steps, BLOCK_R=c.block_r, BLOCK_N=c.block_n,
@@ -560,8 +595,9 @@ class TritonLoRA:
 def compile_variants(form: str) -> list[tuple[str, LoRAKernelConfig]]:
     """Every (op, block sizes) a GPU launch of `form` can compile: `GPU_DEFAULTS` with each BLOCK_M."""
     blocks_m = BLOCK_M_CHOICES if form == "segment" else (None,)
-    return [(op, replace(GPU_DEFAULTS[(op, form)], block_m=block_m)) for op in ("shrink", "expand")
-            for block_m in blocks_m]
+    return [(op, replace(GPU_DEFAULTS[(op, form)], block_m=block_m,
+                         max_registers=_gpu_max_registers(op, form, block_m)))
+            for op in ("shrink", "expand") for block_m in blocks_m]
 
 
 def precompile(kv_layer: torch.Tensor, projections: list[tuple[Projection, int]], form: str = "segment") -> int:
@@ -599,4 +635,4 @@ def _empty_batch(num_tokens: int, device: torch.device) -> LoRABatch:
 
 
 __all__ = ["FORMS", "GPU_DEFAULTS", "LoRAKernelConfig", "Shrunk", "TritonLoRA", "choose_config", "compile_variants",
-           "expand", "precompile", "shrink"]
+           "expand", "expand_pipelines_y", "launch_options", "precompile", "shrink"]
