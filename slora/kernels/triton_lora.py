@@ -31,7 +31,9 @@ pipelines its loads (`cp.async`, `num_stages` deep). With the row ids loaded ins
 as before, expand's loads were not pipelined at all and shrink's less well: the segment form took
 27-28% longer for the q/k/v/o LoRA of 256 decode tokens on an H200
 (bench/results/2026-12-01-h200-c6407e2). Expand's loop for ranks above BLOCK_R still loads them per
-tile and is not pipelined; no benchmark case has such ranks, so it is untimed.
+tile and is not pipelined; no benchmark case has such ranks, so it is untimed. Over blocks of 16
+tokens, expand's y tile enters a product too (`identity @ y`), so that it is pipelined as well
+(`PIPELINED_Y_MAX_BLOCK_M`).
 """
 
 from __future__ import annotations
@@ -329,10 +331,10 @@ EXPAND_LONG_BLOCK_PROGRAMS_PER_SM = 2
 # Expand over blocks of up to this many tokens (decode, mixed steps) passes y's tiles through the pipeline
 # (`Y_IN_PIPELINE`) and is held to EXPAND_PIPELINED_Y_REGISTERS registers a thread. Loaded in its own
 # step, y's tile made every step wait a memory latency: through the pipeline the q/k/v/o LoRA of 256 decode
-# tokens took 71.6 us instead of 75.5 at 64 adapters and 180.9 instead of 186.4 at 256 on the H200. Without
+# tokens took 71.3 us instead of 76.2 at 64 adapters and 179.8 instead of 186.5 at 256 on the H200. Without
 # the register cap the kernel took 164 registers, 3 programs an SM instead of 4, and o's expand lost what
 # q/k/v's gained; over 64-token blocks y's stages doubled the shared memory and prefill took 16% longer
-# (bench/results/2026-12-01-h200-7f313e4/structure).
+# (bench/results/2026-12-01-h200-0aa23f1/structure).
 PIPELINED_Y_MAX_BLOCK_M = BLOCK_M_CHOICES[0]
 EXPAND_PIPELINED_Y_REGISTERS = 128
 # ... and never fewer than these on a GPU: 2 K splits were best in every case of the sweep, even where

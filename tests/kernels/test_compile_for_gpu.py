@@ -30,3 +30,10 @@ def test_every_kernel_compiles_for_sm90():
     assert len(streaming) == 2 * (4 + 3)
     for line in streaming:
         assert int(line.rsplit("pipelined loads ", 1)[1]) > 0, line
+    # Expand over 16-token blocks pipelines y's tiles too (6% off that op at 64 adapters on an H200:
+    # bench/results/2026-12-01-h200-0aa23f1): more pipelined loads than the 64-token variant's, whose loop
+    # loads y in its own step.
+    for data in ("fp16", "bf16"):
+        expand = {"'Y_IN_PIPELINE': True" in line: int(line.rsplit("pipelined loads ", 1)[1]) for line in streaming
+                  if "_expand_segments" in line and f" {data} " in line}
+        assert expand[True] > expand[False], expand

@@ -124,6 +124,22 @@ def test_gpu_expand_splits_are_the_best_measured(monkeypatch, lengths, modules, 
     assert config.n_splits == splits
 
 
+def test_gpu_register_cap_only_where_y_is_pipelined(monkeypatch):
+    """On a GPU, expand over 16-token blocks (y through the pipeline) is held to 128 registers a thread,
+    the count that kept 4 programs an SM on an H200 (uncapped: 164, and o's expand lost its gain);
+    expand over 64-token blocks and shrink keep the compiler's choice. Precompiled variants match."""
+    monkeypatch.setattr(triton_lora, "multiprocessors", lambda device: 132)
+    cpu = torch.device("cpu")
+    decode, prefill = _segments([1] * 256), _segments(PREFILL)
+    choose = triton_lora.choose_config
+    assert choose("expand", "segment", decode, 4096, 64, 4096, cpu).max_registers == 128
+    assert triton_lora.expand_pipelines_y("segment", choose("expand", "segment", decode, 4096, 64, 4096, cpu).block_m)
+    assert choose("expand", "segment", prefill, 4096, 64, 4096, cpu).max_registers is None
+    assert choose("shrink", "segment", decode, 4096, 64, 4096, cpu).max_registers is None
+    assert {(op, c.block_m, c.max_registers) for op, c in triton_lora.compile_variants("segment")} == {
+        ("shrink", 16, None), ("shrink", 64, None), ("expand", 16, 128), ("expand", 64, None)}
+
+
 @pytest.mark.parametrize("form", ["segment", "token"])
 def test_shrink_equals_reference(form, device):
     """Shrink's partials: module slot p's splits sum to x @ A^T of that module, token by token."""
