@@ -338,8 +338,8 @@ EXPAND_LONG_BLOCK_PROGRAMS_PER_SM = 2
 PIPELINED_Y_MAX_BLOCK_M = BLOCK_M_CHOICES[0]
 EXPAND_PIPELINED_Y_REGISTERS = 128
 # ... and never fewer than these on a GPU: 2 K splits were best in every case of the sweep, even where
-# fewer already gave 4 programs per SM; expand's pipelined tile loop wants long programs (2 output
-# splits were best for q/k/v in decode and prefill steps).
+# fewer already gave 4 programs per SM; 2 output splits where a module's programs fill a wave anyway
+# (256 decode tokens of 256 adapters: 73.0 us for q/k/v's expand against 86.9 with 1).
 GPU_MIN_SPLIT_K, GPU_MIN_N_SPLITS = 2, 2
 
 
@@ -392,10 +392,14 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
     if op == "shrink" and sms:
         split_k = max(GPU_MIN_SPLIT_K, triton.cdiv(wanted, triton.cdiv(max_rank, block_r)))
     elif sms:
-        # A power of two of output splits: on the H200, 3 splits of a module's 32 tiles took 14-23% longer
-        # than 2 (q/k/v decode at 64 adapters and prefill, o decode at 256), where 2 were the best; for o at
-        # 64 adapters 8 were, 34% faster than 2.
-        n_splits = _pow2_at_most(max(GPU_MIN_N_SPLITS, wanted))
+        # A power of two of output splits, as many as fit in one wave of `per_sm` programs an SM (as many as
+        # are resident at once: 4 of the 16-token kernel's 128 registers, 2 of the 64-token one's) while the
+        # units alone are fewer, and GPU_MIN_N_SPLITS once they fill it. On the H200: 3 splits of a module's
+        # 32 tiles took 14-23% longer than 2 where 2 were the best; rounding up past one wave instead (2
+        # splits of q/k/v at 96 to 160 adapters of 256 decode tokens, a second wave part full) made the
+        # q/k/v/o LoRA 2-5% slower than 1 split (bench/results/2026-12-01-h200-0aa23f1/structure).
+        wave = per_sm * sms
+        n_splits = _pow2_at_most(wave // units) if units <= wave else GPU_MIN_N_SPLITS
     split_k = _clamp(given.split_k or split_k, 1, min(MAX_SPLIT_K, triton.cdiv(features, block_k)))
     n_splits = _clamp(given.n_splits or n_splits, 1, triton.cdiv(features, block_n))
     n_splits = triton.cdiv(features, triton.cdiv(triton.cdiv(features, n_splits), block_n) * block_n)  # as launched

@@ -113,10 +113,12 @@ PREFILL = [512, 512, 256, 256, 128, 128, 64, 64]  # `slora bench kernels`' prefi
 
 
 @pytest.mark.parametrize("lengths, modules, splits", [([4] * 64, 3, 2), ([1] * 256, 3, 2), ([4] * 64, 1, 8),
+                                                      ([2] * 128, 3, 1), ([2] * 128, 1, 4), ([2] * 9 + [1] * 110, 3, 1),
                                                       (PREFILL, 3, 2), (PREFILL, 1, 8)])
 def test_gpu_expand_splits_are_the_best_measured(monkeypatch, lengths, modules, splits):
     """On a GPU of 132 SMs at Llama-2-7B shapes, q/k/v (3 modules) and o get the output splits that were
-    fastest on an H200: 256 decode tokens of 64 or 256 adapters (bench/results/2026-12-01-h200-c6407e2)
+    fastest on an H200: 256 decode tokens of 64 or 256 adapters (bench/results/2026-12-01-h200-c6407e2),
+    of 128 adapters and 128 decode tokens of 119 (bench/results/2026-12-01-h200-0aa23f1/structure),
     and a 1,920-token prefill of 8 adapters (bench/results/2026-12-01-h200-30dec53/structure)."""
     monkeypatch.setattr(triton_lora, "multiprocessors", lambda device: 132)
     config = triton_lora.choose_config("expand", "segment", _segments(lengths), 4096, 64, 4096, torch.device("cpu"),
