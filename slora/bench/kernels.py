@@ -366,16 +366,23 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
     return results
 
 
+def _launch_bytes(projection: Projection, shapes: dict, rank_sum: int, num_tokens: int,
+                  element: int) -> tuple[int, int]:
+    """(shrink, expand) bytes one projection's LoRA launches must move: its modules' A and x; B, and y read
+    and written (over adapters whose ranks sum to `rank_sum`; v, the float32 partials, not counted)."""
+    in_features, out_features = shapes[projection.modules[0]][0], sum(projection.widths)
+    return ((rank_sum * in_features * len(projection.modules) + num_tokens * in_features) * element,
+            (rank_sum * out_features + 2 * num_tokens * out_features) * element)
+
+
 def _copy_per_launch_bound(case: str, projections: list[Projection], shapes: dict, rank_sum: int, num_tokens: int,
                            pool: torch.Tensor, measure) -> Result:
-    """One copy kernel per launch of the op (each projection's shrink: its modules' A and x; its expand: B,
-    y read and written), moving that launch's bytes, all in one graph: what the op would take if every
-    launch were as fast as a copy of its size. Its % of copy bandwidth bounds any op of these launches."""
+    """One copy kernel per launch of the op (`_launch_bytes`), moving that launch's bytes, all in one graph:
+    what the op would take if every launch were as fast as a copy of its size. Its % of copy bandwidth
+    bounds any op of these launches."""
     sizes, names = [], []
     for p in projections:
-        in_features, out_features = shapes[p.modules[0]][0], sum(p.widths)
-        sizes += [(rank_sum * in_features * len(p.modules) + num_tokens * in_features) * pool.element_size(),
-                  (rank_sum * out_features + 2 * num_tokens * out_features) * pool.element_size()]
+        sizes += _launch_bytes(p, shapes, rank_sum, num_tokens, pool.element_size())
         name = "+".join(m.removesuffix("_proj") for m in p.modules)
         names += [f"{name} shrink", f"{name} expand"]
     layout = ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in zip(names, sizes))
@@ -424,19 +431,17 @@ def _lora_single_ops(case, methods, xs, y0, projection: Projection, ranks, disti
         n, max_rank = batch.num_tokens, projection_max_rank(batch, 0, projection)
         token_ranks = sum(ranks[j] * (batch.segment_starts[i + 1] - batch.segment_starts[i]).item()
                           for i, j in enumerate(_adapter_ids(batch, distinct)))
-        element, num_modules = rows.element_size(), len(projection.modules)
-        rank_sum = sum(ranks[j] for j in distinct)
-        weights_a, weights_b = rank_sum * in_features * num_modules, rank_sum * out_features
+        num_modules = len(projection.modules)
+        shrink_bytes, expand_bytes = _launch_bytes(projection, shapes, sum(ranks[j] for j in distinct), n,
+                                                   rows.element_size())
         y, x = y0[projection].clone(), xs[projection]
         shrunk = shrink(x, rows, batch, 0, projection, form)
-        v_bytes = shrunk.v.numel() * 4
+        v_bytes = shrunk.v.numel() * 4  # a single launch writes (shrink) or reads (expand) v too
         ops = {
-            "shrink": (lambda c: shrink(x, rows, batch, 0, projection, form, c),
-                       (weights_a + n * in_features) * element + v_bytes, 2 * token_ranks * in_features * num_modules,
-                       in_features, num_modules),
-            "expand": (lambda c: expand(y, shrunk, rows, batch, 0, projection, form, c),
-                       (weights_b + 2 * n * out_features) * element + v_bytes, 2 * token_ranks * out_features,
-                       max(projection.widths), num_modules),
+            "shrink": (lambda c: shrink(x, rows, batch, 0, projection, form, c), shrink_bytes + v_bytes,
+                       2 * token_ranks * in_features * num_modules, in_features, num_modules),
+            "expand": (lambda c: expand(y, shrunk, rows, batch, 0, projection, form, c), expand_bytes + v_bytes,
+                       2 * token_ranks * out_features, max(projection.widths), num_modules),
         }
         for op_name, (launch, num_bytes, flops, features, modules) in ops.items():
             chosen = choose_config(op_name, form, batch, features, max_rank, rows.shape[1], rows.device,
