@@ -387,10 +387,10 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
     m_splits = given.m_splits or (min(triton.cdiv(max_segment, block_m), MAX_M_SPLITS) if sms else 1)
     units = (batch.num_tokens if form == "token" else len(batch.work_items(block_m, m_splits))) * num_modules
     per_sm = EXPAND_LONG_BLOCK_PROGRAMS_PER_SM if op == "expand" and block_m > BLOCK_M_CHOICES[0] else PROGRAMS_PER_SM
-    wanted = triton.cdiv(per_sm * sms, units) if sms else 1
+    wave = per_sm * sms if sms else 0  # programs resident at once (see below)
     split_k, n_splits = 1, 1
     if op == "shrink" and sms:
-        split_k = max(GPU_MIN_SPLIT_K, triton.cdiv(wanted, triton.cdiv(max_rank, block_r)))
+        split_k = max(GPU_MIN_SPLIT_K, triton.cdiv(triton.cdiv(wave, units), triton.cdiv(max_rank, block_r)))
     elif sms:
         # A power of two of output splits, as many as fit in one wave of `per_sm` programs an SM (as many as
         # are resident at once: 4 of the 16-token kernel's 128 registers, 2 of the 64-token one's) while the
@@ -398,7 +398,6 @@ def choose_config(op: str, form: str, batch: LoRABatch, features: int, max_rank:
         # 32 tiles took 14-23% longer than 2 where 2 were the best; rounding up past one wave instead (2
         # splits of q/k/v at 96 to 160 adapters of 256 decode tokens, a second wave part full) made the
         # q/k/v/o LoRA 2-5% slower than 1 split (bench/results/2026-12-01-h200-0aa23f1/structure).
-        wave = per_sm * sms
         n_splits = _pow2_at_most(wave // units) if units <= wave else GPU_MIN_N_SPLITS
     split_k = _clamp(given.split_k or split_k, 1, min(MAX_SPLIT_K, triton.cdiv(features, block_k)))
     n_splits = _clamp(given.n_splits or n_splits, 1, triton.cdiv(features, block_n))
