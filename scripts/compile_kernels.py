@@ -123,7 +123,8 @@ def compile_case(kernel, pointers: dict[str, str], constexprs: dict, options: di
                                   target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as error:  # noqa: BLE001 - reported, with the configuration
         return f"{type(error).__name__}: {error}", 0
-    pipelined = compiled.asm.get("ptx", "").count("cp.async.cg") + compiled.asm.get("ptx", "").count("cp.async.ca")
+    ptx = compiled.asm.get("ptx", "")
+    pipelined = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
     return (None if compiled.asm.get("cubin") else "no cubin produced"), pipelined
 
 

@@ -137,8 +137,8 @@ def forbid_early_stop(
             columns += stop_ids
     if rows:
         # A tensor of values, not a Python scalar: index_put_ with a scalar waits for the device.
-        logits[int64_tensor(rows, logits.device), int64_tensor(columns, logits.device)] = logits.new_full((len(rows),),
-                                                                                               float("-inf"))
+        index = (int64_tensor(rows, logits.device), int64_tensor(columns, logits.device))
+        logits[index] = logits.new_full((len(rows),), float("-inf"))
     return logits
 
 
