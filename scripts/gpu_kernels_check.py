@@ -33,8 +33,9 @@ import torch  # noqa: E402
 
 from slora.bench import kernels as bench  # noqa: E402
 from slora.kernels import attention, triton_attention  # noqa: E402
-from slora.kernels.lora import LoRABatch, TorchLoRA  # noqa: E402
+from slora.kernels.lora import TorchLoRA, apply_lora  # noqa: E402
 from slora.kernels.triton_lora import TritonLoRA  # noqa: E402
+from slora.models.loader import architecture_spec  # noqa: E402
 
 DEVICE = torch.device("cuda")
 LORA_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # relative to the delta
@@ -56,33 +57,31 @@ def lora_check(name: str, shape: str, modules: tuple[str, ...], segments: list[i
     start = time.time()
     generator = torch.Generator().manual_seed(seed)
     config = bench.model_shape(shape)
-    rows_needed = bench.adapter_rows_needed(ranks, config, modules)
+    arch = architecture_spec(config)
+    rows_needed = bench.adapter_rows_needed(ranks, arch, modules)
     num_slots = rows_needed // 2 + 64
     pool = torch.randn(num_slots, 2, config.num_kv_heads, config.head_dim, generator=generator).to(DEVICE, dtype)
     rows = pool.view(-1, config.kv_dim)
     free_rows = torch.randperm(2 * num_slots, generator=generator).to(DEVICE)
-    adapters = bench.synthetic_adapters(ranks, config, modules, rows, free_rows, generator)
+    adapters = bench.synthetic_adapters(ranks, arch, modules, rows, free_rows, generator)
     token_adapters = [j for j, n in enumerate(segments) for _ in range(n)]
     token_adapters += [None] * 5  # tokens without an adapter
     order = torch.randperm(len(token_adapters), generator=generator).tolist()
     token_adapters = [token_adapters[i] for i in order]
-    groups = bench.groups_of([a for a in token_adapters if a is not None], adapters, DEVICE)
-    positions = [t for t, a in enumerate(token_adapters) if a is not None]  # flat positions of the LoRA tokens
-    for group in groups:
-        group.token_indices = torch.tensor(positions, device=DEVICE)[group.token_indices]
+    batch = bench.batch_of(token_adapters, adapters, arch, DEVICE)
     # The oracle is the torch reference in float32 on the same (rounded) inputs: in bf16/fp16 the
     # reference itself rounds its intermediate `x @ A^T`, which the kernels keep in float32.
-    exact_lora = TorchLoRA([pool.float()], groups)
-    torch_lora = TorchLoRA([pool], groups)
-    triton_lora = TritonLoRA([pool], LoRABatch.build(groups, 1, DEVICE), form=form)
-    shapes, error, reference_error = config.module_shapes(), 0.0, 0.0
-    for projection in bench.projections_of(config, modules):  # fused as the model runs them
+    exact_lora = TorchLoRA([pool.float()], batch)
+    torch_lora = TorchLoRA([pool], batch)
+    triton_lora = TritonLoRA([pool], batch, form=form)
+    shapes, error, reference_error = bench.module_shapes(arch), 0.0, 0.0
+    for projection in bench.projections_of(arch, modules):  # fused as the model runs them
         x = torch.randn(len(token_adapters), shapes[projection.modules[0]][0], generator=generator).to(DEVICE, dtype)
         before = torch.randn(len(token_adapters), sum(projection.widths), generator=generator).to(DEVICE, dtype)
         exact, expected, y = before.to(torch.float32, copy=True), before.clone(), before.clone()
-        exact_lora.add_delta(exact, x.float(), 0, projection)
-        torch_lora.add_delta(expected, x, 0, projection)
-        triton_lora.add_delta(y, x, 0, projection)
+        apply_lora(exact_lora, exact, x.float(), 0, projection)
+        apply_lora(torch_lora, expected, x, 0, projection)
+        apply_lora(triton_lora, y, x, 0, projection)
         delta = (exact - before.float()).abs().max().item()
         error = max(error, (y.float() - exact).abs().max().item() / delta)
         reference_error = max(reference_error, (expected.float() - exact).abs().max().item() / delta)

@@ -56,52 +56,27 @@ LIMITS = {"--max-num-seqs": 8, "--max-queue": 16, "--max-total-tokens": 512, "--
 # --- set-up: a model, adapters, a server ------------------------------------------------------------
 def tiny_model(folder: Path) -> Path:
     """A tiny random Llama with SmolLM2's tokenizer and chat template (as tests/server uses)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from slora.fixtures import tiny_chat_model
 
-    from slora.models.loader import default_model_path, gguf_to_hf_folder
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf_to_hf_folder(default_model_path()))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         initializer_range=0.2, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tiny_chat_model(folder)
     return folder
 
 
-def model_config(folder: Path):
-    from slora.config import ModelConfig
+def model_arch(folder: Path):
+    from slora.models.loader import read_architecture
 
-    return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    return read_architecture(folder)
 
 
-def write_adapter(folder: Path, model, rank: int, targets: tuple[str, ...], seed: int, value: float | None = None,
+def write_adapter(folder: Path, arch, rank: int, targets: tuple[str, ...], seed: int, value: float | None = None,
                   config: dict | None = None) -> Path:
     """A random LoRA adapter in PEFT's on-disk format; `value` goes into one weight (NaN: a bad one)."""
-    import torch
-    from safetensors.torch import save_file
+    from slora import fixtures
 
-    blocks = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(model.num_layers):
-        for module in targets:
-            in_features, out_features = model.module_shapes()[module]
-            prefix = f"base_model.model.model.layers.{layer}.{blocks[module]}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.05
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.05
+    tensors = fixtures.adapter_tensors(arch, rank, targets, seed, a_scale=0.05, b_scale=0.05)
     if value is not None:
         next(iter(tensors.values()))[0, 0] = value
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
-                "bias": "none", "task_type": "CAUSAL_LM"} | (config or {})
-    (folder / "adapter_config.json").write_text(json.dumps(settings))
-    save_file(tensors, folder / "adapter_model.safetensors")
-    return folder
+    return fixtures.write_adapter(folder, arch, rank, targets, config=config, tensors=tensors)
 
 
 def write_adapters(root: Path, model) -> list[str]:
@@ -426,7 +401,7 @@ def run(args: argparse.Namespace) -> dict:
         config_folder = gguf_to_hf_folder(default_model_path())
     else:
         config_folder = Path(model_path)
-    bad_adapters = write_adapters(work / "adapters", model_config(config_folder))
+    bad_adapters = write_adapters(work / "adapters", model_arch(config_folder))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_server(model_path, work / "adapters", port, work / "server.log")

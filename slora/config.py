@@ -9,25 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 BACKENDS = ("torch", "triton")  # kernel implementations: the torch reference and the Triton kernels
-# The LoRA op: the Triton backend's kernels ("auto" = the segment form, "segment", "token"), or, on
-# either backend, S-LoRA's ablations in plain torch ("bmm": gather per token + bmm; "padded": each
-# adapter padded to the largest rank + bmm).
+# The LoRA op (`kernels/backend.py`): the Triton backend's kernels ("auto" = the segment form, "segment",
+# "token"), or, on either backend, S-LoRA's ablations in plain torch ("bmm", "padded").
 LORA_KERNELS = ("auto", "segment", "token", "bmm", "padded")
-ABLATION_KERNELS = ("bmm", "padded")  # on either backend
-
-
-def triton_lora_form(lora_kernel: str) -> str:
-    """The Triton kernels' form that a non-ablation `lora_kernel` runs ("auto" is the segment form)."""
-    return "segment" if lora_kernel == "auto" else lora_kernel
 
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of a Llama-family model (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+    """Shape and numerics of a model, read from its `config.json`."""
 
-    architecture: str
+    architecture: str  # `config.json`'s model_type ("llama", "qwen2", ...): the loader registry's key
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -53,35 +45,11 @@ class ModelConfig:
     def q_dim(self) -> int:
         return self.num_heads * self.head_dim
 
-    def module_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of every LoRA-targetable linear of one decoder layer."""
-        h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (h, self.q_dim),
-            "k_proj": (h, self.kv_dim),
-            "v_proj": (h, self.kv_dim),
-            "o_proj": (self.q_dim, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
-    def num_parameters(self) -> int:
-        per_layer = sum(a * b for a, b in self.module_shapes().values()) + 2 * self.hidden_size
-        if self.attention_bias:
-            per_layer += self.q_dim + 2 * self.kv_dim
-        embed = self.vocab_size * self.hidden_size
-        return self.num_layers * per_layer + embed * (1 if self.tie_word_embeddings else 2) + self.hidden_size
-
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Build from a Hugging Face `config.json` dict; refuse what the model code cannot run."""
+        """Build from a Hugging Face `config.json` dict; refuse rope scalings the model code cannot run
+        (which architectures it can run is the loader's registry's business)."""
         model_type = hf.get("model_type", "")
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {model_type!r} (architectures: {hf.get('architectures')}); "
-                f"slora supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         rope = hf.get("rope_parameters") or {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.reference.hf import make_tiny_model
+from slora.fixtures import tiny_model
 
 # Test shapes are tiny: one intra-op thread is faster than handing each small op to two, and keeps
 # the suite's time steady when the machine is busy with something else.
@@ -16,7 +16,15 @@ torch.set_num_threads(1)
 def tiny_llama_folder(tmp_path_factory):
     """(HF model, folder) of a tiny random Llama with GQA."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    return make_tiny_model("llama", folder), folder
+    return tiny_model("llama", folder), folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_arch(tiny_llama_folder):
+    """The architecture spec of `tiny_llama_folder`'s model."""
+    from slora.models.loader import read_architecture
+
+    return read_architecture(tiny_llama_folder[1])
 
 
 @pytest.fixture(scope="session")

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from slora.config import ModelConfig
-from slora.lora.adapter import MODULE_BLOCKS, AdapterSpec, load_adapter_weights
+from slora.architecture import ArchitectureSpec
+from slora.fixtures import write_adapter
+from slora.lora.adapter import AdapterSpec, load_adapter_weights
 from slora.lora.layout import RowLayout, pack_rows
 from slora.lora.store import HostAdapter, HostStore
 
@@ -56,43 +56,19 @@ class AdapterSet:
                 "ranks": sorted(set(self.ranks.values())), "targets": list(self.targets)}
 
 
-def write_peft_adapter(folder: Path, model: ModelConfig, rank: int, targets: tuple[str, ...], seed: int,
-                       dtype: torch.dtype = torch.float16, alpha: float | None = None) -> Path:
-    """A random adapter in PEFT's on-disk format: `adapter_config.json` + `adapter_model.safetensors`.
-
-    A ~ N(0, 1/in) and B ~ N(0, 0.02^2), so that the delta is small next to the dummy base output.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    shapes = model.module_shapes()
-    tensors = {}
-    for layer in range(model.num_layers):
-        for module in targets:
-            in_features, out_features = shapes[module]
-            prefix = f"base_model.model.model.layers.{layer}.{MODULE_BLOCKS[module]}.{module}"
-            a = torch.randn(rank, in_features, generator=generator) * in_features**-0.5
-            b = torch.randn(out_features, rank, generator=generator) * 0.02
-            tensors[f"{prefix}.lora_A.weight"] = a.to(dtype).contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = b.to(dtype).contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha if alpha is not None else 2 * rank,
-              "target_modules": list(targets), "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False,
-              "use_dora": False, "modules_to_save": None, "lora_dropout": 0.0}
-    save_file(tensors, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
-
-
-def prepare_adapter_set(names: list[str], model: ModelConfig, root: str | Path, ranks: tuple[int, ...] = (8, 16, 32, 64),
+def prepare_adapter_set(names: list[str], arch: ArchitectureSpec, root: str | Path,
+                        ranks: tuple[int, ...] = (8, 16, 32, 64),
                         targets: tuple[str, ...] = ATTENTION_TARGETS, variants: int = 4, seed: int = 0,
                         dtype: torch.dtype = torch.float16) -> AdapterSet:
     """Write (or reuse) `variants` folders per rank under `root` and point every name at one of them."""
     if not ranks:
         raise ValueError("at least one adapter rank is needed")
-    unknown = [t for t in targets if t not in MODULE_BLOCKS]
+    unknown = [t for t in targets if t not in arch.index]
     if unknown:
-        raise ValueError(f"unknown adapter targets {unknown}; choose from {', '.join(MODULE_BLOCKS)}")
+        raise ValueError(f"unknown adapter targets {unknown}; choose from {', '.join(arch.module_names)}")
     root = Path(root)
-    shape_key = hashlib.sha256(json.dumps([model.num_layers, model.module_shapes(), list(targets), seed,
+    shapes = [(t.name, t.in_features, t.out_features) for t in arch.targets]
+    shape_key = hashlib.sha256(json.dumps([arch.num_layers, shapes, list(targets), seed,
                                            str(dtype)], sort_keys=True).encode()).hexdigest()[:10]
     adapters = AdapterSet(targets=tuple(targets))
     written: dict[tuple[int, int], Path] = {}
@@ -102,7 +78,9 @@ def prepare_adapter_set(names: list[str], model: ModelConfig, root: str | Path, 
         if (rank, variant) not in written:
             folder = root / f"{shape_key}-r{rank}-v{variant}"
             if not (folder / "adapter_config.json").is_file():
-                write_peft_adapter(folder, model, rank, tuple(targets), seed * 1000 + rank * 10 + variant, dtype)
+                # A ~ N(0, 1/in), B ~ N(0, 0.02^2): the delta stays small next to a dummy base output.
+                write_adapter(folder, arch, rank, targets, seed * 1000 + rank * 10 + variant, a_scale=None,
+                              b_scale=0.02, dtype=dtype)
             written[(rank, variant)] = folder
         adapters.folders[name] = written[(rank, variant)]
         adapters.ranks[name] = rank
@@ -120,21 +98,21 @@ class SharedFileStore(HostStore):
     """A host store that packs each weight file once and shares the packed rows among the names
     that point to it (see the module docstring). Every name is still loaded into the pool alone."""
 
-    def __init__(self, model: ModelConfig, dtype: torch.dtype, pin_memory: bool):
-        super().__init__(model, dtype, pin_memory, None)
+    def __init__(self, arch: ArchitectureSpec, dtype: torch.dtype, pin_memory: bool):
+        super().__init__(arch, dtype, pin_memory, None)
         self._packed: dict[str, tuple[RowLayout, torch.Tensor]] = {}
         self._names: set[str] = set()
 
     @classmethod
     def replacing(cls, store: HostStore) -> "SharedFileStore":
-        return cls(store.model, store.dtype, store.pin_memory)
+        return cls(store.arch, store.dtype, store.pin_memory)
 
     def get(self, spec: AdapterSpec) -> HostAdapter:
         key = str(spec.weights_file)
         packed = self._packed.get(key)
         if packed is None:
-            layout = RowLayout.of(spec, self.model)
-            rows = pack_rows(load_adapter_weights(spec, self.model), layout, self.model).to(self.dtype)
+            layout = RowLayout.of(spec, self.arch)
+            rows = pack_rows(load_adapter_weights(spec, self.arch), layout, self.arch).to(self.dtype)
             if self.pin_memory:
                 rows = rows.pin_memory()
             packed = self._packed[key] = (layout, rows)
@@ -148,6 +126,3 @@ class SharedFileStore(HostStore):
     def __len__(self) -> int:
         return len(self._names)
 
-    @property
-    def packed_bytes(self) -> int:
-        return sum(rows.numel() * rows.element_size() for _, rows in self._packed.values())

@@ -41,14 +41,15 @@ from pathlib import Path
 
 import torch
 
+from slora.architecture import ArchitectureSpec, Projection
 from slora.bench.roofline import measure_copy_bandwidth
 from slora.config import ModelConfig
-from slora.kernels.lora import AdapterTokens, LoRABatch, TorchLoRA
+from slora.kernels.lora import LoRABatch, TorchLoRA, apply_lora
 from slora.kernels.lora_ablations import PaddedBmmLoRA
-from slora.kernels.metadata import AttentionMetadata, Projection, SlotTable
+from slora.kernels.metadata import AttentionMetadata, SlotTable
 from slora.lora.layout import ModuleRows, RowLayout
-from slora.lora.residency import ResidentAdapter
-from slora.models.llama import layer_projections
+from slora.lora.residency import AdapterTables, ResidentAdapter
+from slora.models.loader import architecture_spec
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -65,6 +66,11 @@ def model_shape(name: str) -> ModelConfig:
         raise ValueError(f"unknown model shape {name!r}; choose one of {', '.join(shapes)}")
     hidden, intermediate, heads, kv_heads, head_dim = shapes[name]
     return ModelConfig("llama", 32000, hidden, intermediate, 1, heads, kv_heads, head_dim, 8192)
+
+
+def module_shapes(arch: ArchitectureSpec) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every LoRA target."""
+    return {module: arch.shape(module) for module in arch.module_names}
 
 
 @dataclass
@@ -190,13 +196,22 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, measure) ->
 
 
 # --- synthetic adapters in the pool ---------------------------------------------------------------------
-def synthetic_adapters(ranks: list[int], config: ModelConfig, modules: tuple[str, ...], rows: torch.Tensor,
+def _resident(name: str, layout: RowLayout, rank: int, scaling: float, row_table: torch.Tensor,
+              arch: ArchitectureSpec) -> ResidentAdapter:
+    """A resident adapter of one layer whose modules all take `rank`, in pool rows `row_table`."""
+    ranks = {(0, module): rank for module in layout.modules}
+    tables = AdapterTables.of(layout, ranks, dict.fromkeys(ranks, scaling), row_table.cpu().numpy(), arch.index, 1)
+    return ResidentAdapter(name, layout, [], tables)
+
+
+def synthetic_adapters(ranks: list[int], arch: ArchitectureSpec, modules: tuple[str, ...], rows: torch.Tensor,
                        free_rows: torch.Tensor, generator: torch.Generator) -> list[ResidentAdapter]:
     """Adapters of `ranks` over `modules`, weights written into `rows` (a pool layer) at `free_rows`, in order.
 
     The weights are small (about 1/sqrt(dim)) so that repeated timing runs keep y finite.
     """
-    kv_dim, shapes = config.kv_dim, config.module_shapes()
+    config, shapes = arch.config, module_shapes(arch)
+    kv_dim = config.kv_dim
     adapters, used = [], 0
     for i, rank in enumerate(ranks):
         layout_modules, row = {}, 0
@@ -212,18 +227,16 @@ def synthetic_adapters(ranks: list[int], config: ModelConfig, modules: tuple[str
         used += row
         values = torch.randn(row, kv_dim, generator=generator) / math.sqrt(config.hidden_size)
         rows[row_table] = values.to(rows.device, rows.dtype)
-        layer_ranks = {(0, module): rank for module in modules}
-        layer_scalings = {(0, module): 16.0 / rank for module in modules}
-        adapters.append(ResidentAdapter(f"bench{i}", RowLayout(layout_modules, row), [], row_table, layer_ranks,
-                                        layer_scalings))
+        adapters.append(_resident(f"bench{i}", RowLayout(layout_modules, row), rank, 16.0 / rank, row_table, arch))
     return adapters
 
 
-def padded_copies(adapters: list[ResidentAdapter], max_rank: int, rows: torch.Tensor,
-                  free_rows: torch.Tensor) -> list[ResidentAdapter]:
-    """The same adapters padded to `max_rank` (zero rows past their rank): the padding ablation."""
+def padded_copies(adapters: list[ResidentAdapter], ranks: list[int], max_rank: int, rows: torch.Tensor,
+                  free_rows: torch.Tensor, arch: ArchitectureSpec) -> list[ResidentAdapter]:
+    """The same adapters (of `ranks`) padded to `max_rank` (zero rows past their rank): the padding ablation."""
     copies, used = [], 0
-    for adapter in adapters:
+    for adapter, rank in zip(adapters, ranks):
+        source_rows = torch.from_numpy(adapter.tables.row_table).long().to(rows.device)
         layout_modules, row = {}, 0
         for module, m in adapter.layout.modules.items():
             layout_modules[module] = ModuleRows(row, m.a_chunks, row + max_rank * m.a_chunks, m.b_chunks,
@@ -233,31 +246,37 @@ def padded_copies(adapters: list[ResidentAdapter], max_rank: int, rows: torch.Te
         used += row
         rows[row_table] = 0
         for module, m in adapter.layout.modules.items():
-            rank, padded = adapter.layer_ranks[(0, module)], layout_modules[module]
+            padded = layout_modules[module]
             for start, padded_start, chunks in ((m.a_start, padded.a_start, m.a_chunks),
                                                 (m.b_start, padded.b_start, m.b_chunks)):
-                source = adapter.row_table[start : start + rank * chunks]
+                source = source_rows[start : start + rank * chunks]
                 rows[row_table[padded_start : padded_start + rank * chunks]] = rows[source]
-        copies.append(ResidentAdapter(adapter.name + "-padded", RowLayout(layout_modules, row), [], row_table,
-                                      {key: max_rank for key in adapter.layer_ranks}, dict(adapter.layer_scalings)))
+        copies.append(_resident(adapter.name + "-padded", RowLayout(layout_modules, row), max_rank, 16.0 / rank,
+                                row_table, arch))
     return copies
 
 
-def projections_of(config: ModelConfig, modules: tuple[str, ...]) -> list[Projection]:
+def projections_of(arch: ArchitectureSpec, modules: tuple[str, ...]) -> list[Projection]:
     """The model's projections (fused as the model runs them) that consist of `modules`."""
-    return [p for p in layer_projections(config).values() if set(p.modules) <= set(modules)]
+    return [p for p in arch.projections.values() if set(p.modules) <= set(modules)]
 
 
-def adapter_rows_needed(ranks: list[int], config: ModelConfig, modules: tuple[str, ...]) -> int:
-    shapes, kv_dim = config.module_shapes(), config.kv_dim
+def adapter_rows_needed(ranks: list[int], arch: ArchitectureSpec, modules: tuple[str, ...]) -> int:
+    shapes, kv_dim = module_shapes(arch), arch.config.kv_dim
     return sum(r * (math.ceil(shapes[m][0] / kv_dim) + math.ceil(shapes[m][1] / kv_dim)) for r in ranks for m in modules)
 
 
-def groups_of(token_adapters: list[int], adapters: list[ResidentAdapter], device: torch.device) -> list[AdapterTokens]:
+def batch_of(token_adapters: list[int | None], adapters: list[ResidentAdapter], arch: ArchitectureSpec,
+             device: torch.device) -> LoRABatch:
+    """The step tables of tokens whose adapters are `token_adapters` (None: no adapter; segments in adapter
+    order)."""
     by_adapter: dict[int, list[int]] = {}
     for t, a in enumerate(token_adapters):
-        by_adapter.setdefault(a, []).append(t)
-    return [AdapterTokens(adapters[a], torch.tensor(tokens, device=device)) for a, tokens in sorted(by_adapter.items())]
+        if a is not None:
+            by_adapter.setdefault(a, []).append(t)
+    order = sorted(by_adapter)
+    return LoRABatch.from_lists([adapters[a] for a in order], [by_adapter[a] for a in order], 1, len(arch.targets),
+                                device)
 
 
 def copies_time(sizes: list[int], device: torch.device, dtype: torch.dtype, measure) -> float:
@@ -308,30 +327,28 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
     """All methods applying the q/k/v/o deltas of one layer to one batch."""
     from slora.kernels.triton_lora import TritonLoRA
 
-    modules = LORA_MODULES
+    modules, arch = LORA_MODULES, architecture_spec(config)
     num_tokens, kv_dim = len(token_adapters), config.kv_dim
     padded_ranks = [max(ranks)] * len(ranks)
-    rows_needed = adapter_rows_needed(ranks, config, modules) + adapter_rows_needed(padded_ranks, config, modules)
+    rows_needed = adapter_rows_needed(ranks, arch, modules) + adapter_rows_needed(padded_ranks, arch, modules)
     num_slots = rows_needed // 2 + 2
     pool = torch.zeros(num_slots, 2, config.num_kv_heads, config.head_dim, dtype=dtype, device=device)
     rows = pool.view(-1, kv_dim)
     free_rows = (torch.randperm(2 * num_slots - 1, generator=generator) + 1).to(device)  # row 0 stays zero
-    adapters = synthetic_adapters(ranks, config, modules, rows, free_rows, generator)
+    adapters = synthetic_adapters(ranks, arch, modules, rows, free_rows, generator)
     used = sum(a.layout.num_rows for a in adapters)
-    padded = padded_copies(adapters, max(ranks), rows, free_rows[used:])
-    groups = groups_of(token_adapters, adapters, device)
-    padded_groups = groups_of(token_adapters, padded, device)
-    shapes = config.module_shapes()
-    projections = projections_of(config, modules)
+    padded = padded_copies(adapters, ranks, max(ranks), rows, free_rows[used:], arch)
+    shapes = module_shapes(arch)
+    projections = projections_of(arch, modules)
     xs = {p: torch.randn(num_tokens, shapes[p.modules[0]][0], generator=generator).to(device, dtype)
           for p in projections}
     y0 = {p: torch.randn(num_tokens, sum(p.widths), generator=generator).to(device, dtype) for p in projections}
-    lora_batch = LoRABatch.build(groups, 1, device)
+    lora_batch = batch_of(token_adapters, adapters, arch, device)
     methods = {
-        "torch_reference": TorchLoRA([pool], groups),
+        "torch_reference": TorchLoRA([pool], lora_batch),
         "triton_segment": TritonLoRA([pool], lora_batch, form="segment"),
         "triton_token": TritonLoRA([pool], lora_batch, form="token"),
-        "triton_padded": TritonLoRA([pool], LoRABatch.build(padded_groups, 1, device), form="segment"),
+        "triton_padded": TritonLoRA([pool], batch_of(token_adapters, padded, arch, device), form="segment"),
         "gather_bmm": PaddedBmmLoRA([pool], lora_batch, gather="token"),
         "padded_bmm": PaddedBmmLoRA([pool], lora_batch, gather="adapter"),
     }
@@ -343,19 +360,19 @@ def lora_case(case: str, token_adapters: list[int], ranks: list[int], config: Mo
     expected = {}
     for p in projections:
         expected[p] = y0[p].clone()
-        methods["torch_reference"].add_delta(expected[p], xs[p], 0, p)
+        apply_lora(methods["torch_reference"], expected[p], xs[p], 0, p)
     results = []
     for method, op in methods.items():
         ys = {p: y0[p].clone() for p in projections}
         error = 0.0
         for p in projections:
-            op.add_delta(ys[p], xs[p], 0, p)
+            apply_lora(op, ys[p], xs[p], 0, p)
             delta = (expected[p].float() - y0[p].float()).abs().max().item()
             error = max(error, (ys[p].float() - expected[p].float()).abs().max().item() / max(delta, 1e-30))
 
         def run(op=op, ys=ys) -> None:
             for p in projections:
-                op.add_delta(ys[p], xs[p], 0, p)
+                apply_lora(op, ys[p], xs[p], 0, p)
 
         results.append(Result(case, method, measure(run), num_bytes, flops, max_error=error))
     results.append(_copy_per_launch_bound(case, projections, shapes, sum(ranks[j] for j in distinct), num_tokens,
@@ -531,9 +548,8 @@ def random_attention_batch(query_lens: list[int], context_lens: list[int], num_h
         used += context_len
         starts.append(len(mapping))
         mapping += slots[-1][context_len - query_len :]  # the prefix is already in the pool
-    meta = AttentionMetadata(torch.tensor(mapping, device=device), starts, list(query_lens),
-                             [torch.tensor(s, device=device) for s in slots], head_dim**-0.5,
-                             SlotTable.build(starts, list(query_lens), slots, device))
+    meta = AttentionMetadata(torch.tensor(mapping, device=device), SlotTable.build(starts, list(query_lens), slots, device),
+                             head_dim**-0.5)
     q = torch.randn(len(mapping), num_heads, head_dim, generator=generator).to(device, dtype)
     k, v = (torch.randn(len(mapping), kv_heads, head_dim, generator=generator).to(device, dtype) for _ in range(2))
     return pool, meta, q, k, v
@@ -570,14 +586,14 @@ def fused_ops_cases(tokens: int, config: ModelConfig, dtype: torch.dtype, device
     residual add + RMSNorm, rotary of q/k + K/V write into the pool; `tokens` rows each."""
     from slora.kernels import triton_fused
     from slora.kernels.attention import write_kv
-    from slora.models.llama import RMSNorm, RotaryEmbedding
+    from slora.kernels import fused
+    from slora.models.llama import RotaryEmbedding
 
     randn = lambda *size: torch.randn(*size, generator=generator).to(device, dtype)  # noqa: E731
     hidden = config.hidden_size
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
     element = torch.empty((), dtype=dtype).element_size()
-    norm = RMSNorm(hidden, 1e-5).to(device, dtype)
-    norm.weight.data = 1 + randn(hidden)
+    weight, eps = 1 + randn(hidden), 1e-5
     x, residual = randn(tokens, hidden), randn(tokens, hidden)
     rotary = RotaryEmbedding(config, 8192).to(device)
     q, k, v = randn(tokens, heads, head_dim), randn(tokens, kv_heads, head_dim), randn(tokens, kv_heads, head_dim)
@@ -586,7 +602,7 @@ def fused_ops_cases(tokens: int, config: ModelConfig, dtype: torch.dtype, device
     pool = randn(2 * tokens, 2, kv_heads, head_dim)
 
     def torch_rotary(out_pool: torch.Tensor = pool):
-        rotated_q, rotated_k = rotary(positions, q, k)
+        rotated_q, rotated_k = fused.rotate(q, k, positions, rotary.cos, rotary.sin)
         write_kv(out_pool, slots, rotated_k, v)
         return rotated_q, out_pool
 
@@ -594,26 +610,29 @@ def fused_ops_cases(tokens: int, config: ModelConfig, dtype: torch.dtype, device
         triton_fused.rotate_and_write_kv(out_q, out_k, v, positions, rotary.cos, rotary.sin, out_pool, slots)
         return out_q, out_pool
 
+    def torch_norm():
+        return fused.add_rms_norm(x, weight, eps, residual)[0]
+
     def triton_norm(out_residual: torch.Tensor = residual):
-        return triton_fused.add_rms_norm(x, norm.weight, norm.eps, out_residual)[0]
+        return triton_fused.add_rms_norm(x, weight, eps, out_residual)[0]
 
     q_bytes, kv_bytes = tokens * heads * head_dim, tokens * kv_heads * head_dim
     # case: (torch reference, fused op, bytes moved, and the two again on copies of what they write in place)
     ops = {
         f"rms_norm_residual[{tokens} tokens]": (
-            lambda: norm(residual + x), triton_norm, (4 * tokens * hidden + hidden) * element,
-            lambda: norm(residual + x), lambda: triton_norm(residual.clone())),
+            torch_norm, triton_norm, (4 * tokens * hidden + hidden) * element, torch_norm,
+            lambda: triton_norm(residual.clone())),
         f"rotary_kv_write[{tokens} tokens]": (
             torch_rotary, triton_rotary, (2 * q_bytes + 4 * kv_bytes) * element + tokens * head_dim * 4,
             lambda: torch_rotary(pool.clone()), lambda: triton_rotary(q.clone(), k.clone(), pool.clone())),
     }
     results = []
-    for case, (reference, fused, num_bytes, reference_on_copies, fused_on_copies) in ops.items():
+    for case, (reference, fused_op, num_bytes, reference_on_copies, fused_on_copies) in ops.items():
         expected, got = reference_on_copies(), fused_on_copies()
         pairs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
         error = max(((b.float() - a.float()).abs().max() / a.float().abs().max()).item() for a, b in pairs)
         results.append(Result(case, "torch_reference", measure(reference), num_bytes, 0))
-        results.append(Result(case, "triton", measure(fused), num_bytes, 0, max_error=error))
+        results.append(Result(case, "triton", measure(fused_op), num_bytes, 0, max_error=error))
     return results
 
 

@@ -63,9 +63,9 @@ class MergedSwap(Gate):
     def _factors(self, adapter: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
         folder = self.folders[adapter]
         if folder not in self._deltas:
-            config = self.engine.model_config
-            spec = read_adapter(adapter, folder, config)
-            weights = load_adapter_weights(spec, config)
+            config, arch = self.engine.model_config, self.engine.arch
+            spec = read_adapter(adapter, folder, arch)
+            weights = load_adapter_weights(spec, arch)
             device, dtype = self.engine.device, self.engine.dtype
             self._deltas[folder] = [
                 (target_weight(self.engine.model, layer, module, config),

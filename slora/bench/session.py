@@ -90,7 +90,7 @@ class BenchSession:
         key = tuple(names)
         if key not in self._adapter_sets:
             o = self.options
-            self._adapter_sets[key] = prepare_adapter_set(names, self.config, self.adapter_root, o.ranks, o.targets,
+            self._adapter_sets[key] = prepare_adapter_set(names, self.loaded.arch, self.adapter_root, o.ranks, o.targets,
                                                           o.adapter_variants, o.seed)
         return self._adapter_sets[key]
 
@@ -252,7 +252,7 @@ class BenchSession:
         o = asdict(self.options)
         return {"options": o, "load_s": self.load_s, "copy_bandwidth_bytes_s": self.copy_bandwidth,
                 "roofline": self.roofline.describe(), "adapter_root": str(self.adapter_root),
-                "model_parameters": self.config.num_parameters()}
+                "model_parameters": sum(p.numel() for p in self.loaded.model.parameters())}
 
 
 def compiled_kernels() -> int | None:

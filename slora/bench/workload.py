@@ -21,7 +21,7 @@ tokens for the same request.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +181,3 @@ def summary(requests: list[BenchRequest]) -> dict:
         "mean_input_len": float(np.mean([r.input_len for r in requests])),
         "mean_output_len": float(np.mean([r.output_len for r in requests])),
     }
-
-
-def as_dicts(requests: list[BenchRequest]) -> list[dict]:
-    return [asdict(r) for r in requests]

@@ -15,7 +15,7 @@ the same launch grids, at every replay, so:
   Programs past the batch's work exit at once (empty segments, rank-0 adapter columns, work items
   past a row's queries).
 
-Two kinds of graphs, each with and without LoRA (per Triton LoRA form):
+Two kinds of graphs, each with and without LoRA (the backend's Triton LoRA form):
 
 - decode: a batch of B sequences of one new token each runs the graph of the smallest bucket >= B
   (1, 2, 4, ... up to `max_batch`); rows past B are padding (token 0 at position 0, attending to
@@ -40,13 +40,13 @@ A failed capture turns graphs off with a warning: steps then run eagerly, as bef
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from slora.kernels.lora import MODULES, LoRABatch, LoRATables
+from slora.kernels.backend import TritonBackend
+from slora.kernels.lora import LoRABatch, LoRATables
 from slora.kernels.metadata import AttentionMetadata, ForwardBatch, SlotTable
 
 logger = logging.getLogger("slora.engine")
@@ -72,6 +72,7 @@ class GraphLimits:
     max_lora_rank: int
     row_capacity: int  # entries of the concatenated row table (all of the pool's rows)
     num_layers: int
+    num_modules: int  # the architecture's LoRA targets: the module axis of the LoRA tables
     scale: float  # attention's softmax scale
     max_tokens: int = 0  # tokens of the largest mixed graph (the step's token budget); 0: no mixed graphs
 
@@ -126,8 +127,9 @@ class StaticItems:
 
 class StepGraphs:
     def __init__(self, model: torch.nn.Module, kv_cache: list[torch.Tensor], limits: GraphLimits,
-                 scratch_slot: int, capture: bool):
+                 scratch_slot: int, backend: TritonBackend, capture: bool):
         self.model = model
+        self.backend = backend
         self.kv_cache = kv_cache
         self.limits = limits
         self.scratch_slot = scratch_slot
@@ -158,10 +160,10 @@ class StepGraphs:
             self.rows.query_lens[limits.max_batch :] = 0
             self.prefill_items = StaticItems(self._prefill_items_size(limits.max_tokens), device)
             self.lora_items = StaticItems(limits.max_tokens // LORA_BLOCK_M + self.mixed_rows, device)
-        modules, layers, on_cuda = len(MODULES), limits.num_layers, device.type == "cuda"
+        modules, layers, on_cuda = limits.num_modules, limits.num_layers, device.type == "cuda"
         # The LoRA tables: filled on the host (pinned) and copied into one device buffer per step.
         width = max(limits.max_batch, self.mixed_rows + 1 if self.token_buckets else 0)
-        host = LoRATables(limits.row_capacity, layers, width, n, pin_memory=on_cuda)
+        host = LoRATables(limits.row_capacity, layers, modules, width, n, pin_memory=on_cuda)
         self._lora_buffer = torch.zeros(host.buffer.numel(), dtype=torch.int32, device=device)
         self.lora = LoRABatch(adapters=[], **host.views(self._lora_buffer),
                               max_ranks=[[limits.max_lora_rank] * modules for _ in range(layers)], max_segment_len=1,
@@ -171,7 +173,7 @@ class StepGraphs:
         self.decode_items = torch.stack([torch.arange(m, dtype=torch.int32), torch.zeros(m, dtype=torch.int32)],
                                         dim=1).to(device)
         self._lora_copied = torch.cuda.Event() if on_cuda else None  # the last copy out of the pinned tables
-        self._graphs: dict[tuple[str, int, str | None], Recorded] = {}  # by (kind, size, LoRA form or None)
+        self._graphs: dict[tuple[str, int, bool], Recorded] = {}  # by (kind, size, with LoRA)
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
 
     # --- which steps ------------------------------------------------------------------------------
@@ -194,10 +196,9 @@ class StepGraphs:
     # --- one step ---------------------------------------------------------------------------------
     def run(self, batch: ForwardBatch, key: Key) -> torch.Tensor:
         """Logits of `batch.logits_indices`, computed by the key's graph over the static buffers."""
-        lora_form = batch.lora.form if batch.lora is not None else None  # the Triton LoRA form, or none
         kind, size = key
         (self._fill_decode if kind == "decode" else self._fill_mixed)(batch, size)
-        graph, static_batch, logits = self._graph(kind, size, lora_form)
+        graph, static_batch, logits = self._graph(kind, size, batch.lora is not None)
         self.replays += 1
         if graph is None:
             logits = self.model(static_batch)
@@ -301,29 +302,27 @@ class StepGraphs:
         return sum(graph is not None for graph, _, _ in self._graphs.values())
 
     # --- capture ----------------------------------------------------------------------------------
-    def record_all(self, lora_forms: Iterable[str]) -> None:
-        """Record every graph now, without LoRA and with each Triton LoRA form in `lora_forms` ("segment",
-        "token"), so that no step pays for a capture. Stops at a failed capture (graphs off)."""
+    def record_all(self) -> None:
+        """Record every graph now, with and without LoRA, so that no step pays for a capture. Stops at
+        a failed capture (graphs off)."""
         keys = [("decode", b) for b in self.buckets] + [("mixed", t) for t in self.token_buckets]
         for kind, size in keys:
-            for lora_form in (None, *lora_forms):
+            for with_lora in (False, True):
                 if not self.enabled:
                     return
                 try:
-                    self._graph(kind, size, lora_form)
+                    self._graph(kind, size, with_lora)
                 except torch.OutOfMemoryError:  # this one is recorded on its first step instead
                     logger.warning("no device memory to capture the %s graph of %d at start-up", kind, size)
 
-    def _graph(self, kind: str, size: int, lora_form: str | None) -> Recorded:
+    def _graph(self, kind: str, size: int, with_lora: bool) -> Recorded:
         """(graph, static batch, its logits) of a graph, recorded on first use."""
-        key = (kind, size, lora_form)
+        key = (kind, size, with_lora)
         if key not in self._graphs:
-            self._graphs[key] = self._record(kind, size, lora_form)
+            self._graphs[key] = self._record(kind, size, with_lora)
         return self._graphs[key]
 
-    def _static_batch(self, kind: str, size: int, lora_form: str | None) -> ForwardBatch:
-        from slora.kernels.triton_lora import TritonLoRA
-
+    def _static_batch(self, kind: str, size: int, with_lora: bool) -> ForwardBatch:
         limits, s = self.limits, self.lora
         if kind == "decode":
             tokens, segments, logits_indices = size, size, self.decode_logits[:size]
@@ -335,21 +334,19 @@ class StepGraphs:
                                     items=self.prefill_items.device[: self._prefill_items_size(size)])
             items, max_segment_len = self.lora_items.device[: self._lora_items_size(size)], size
             config = self._lora_config(size)
-        num_rows = table.slots.shape[0]
-        attention = AttentionMetadata(self.slot_mapping[:tokens], list(range(num_rows)), [1] * num_rows, None,
-                                      limits.scale, table)
+        attention = AttentionMetadata(self.slot_mapping[:tokens], table, limits.scale)
         lora = None
-        if lora_form is not None:
+        if with_lora:
             lora_tokens = tokens if kind == "decode" else size
             view = LoRABatch([], s.row_table, s.a_offsets, s.b_offsets, s.ranks, s.scalings,
                              s.token_indices[:lora_tokens], s.token_adapters[:lora_tokens],
                              s.segment_starts[: segments + 1], s.max_ranks, max_segment_len, items=items)
-            lora = TritonLoRA(self.kv_cache, view, form=lora_form, config=config)
+            lora = self.backend.lora_op(self.kv_cache, view, config=config)
         return ForwardBatch(self.input_ids[:tokens], self.positions[:tokens], logits_indices, attention,
-                            self.kv_cache, lora, backend="triton")
+                            self.kv_cache, self.backend, lora)
 
-    def _record(self, kind: str, size: int, lora_form: str | None) -> Recorded:
-        static_batch = self._static_batch(kind, size, lora_form)
+    def _record(self, kind: str, size: int, with_lora: bool) -> Recorded:
+        static_batch = self._static_batch(kind, size, with_lora)
         if not self.capture:
             return None, static_batch, None
         try:

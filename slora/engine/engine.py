@@ -23,14 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from slora.config import ABLATION_KERNELS, EngineConfig, triton_lora_form
-from slora.engine.batch import PendingTokens, build_forward_batch, resolve_backend
+from slora.config import EngineConfig
+from slora.engine.batch import PendingTokens, build_forward_batch
 from slora.engine.cuda_graphs import GraphLimits, StepGraphs
 from slora.engine.detokenizer import IncrementalDetokenizer
 from slora.engine.request import CompletionOutput, Request, RequestOutput
 from slora.engine.sampler import SampledTokens, SampleInput, SampleResult, launch
 from slora.engine.sampling_params import SamplingParams
 from slora.engine.scheduler import ScheduledBatch, Scheduler
+from slora.kernels.backend import select_backend
 from slora.kernels.metadata import int64_tensor
 from slora.lora.registry import AdapterRegistry, UnknownAdapterError
 from slora.lora.residency import AdapterResidency
@@ -90,13 +91,14 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         max_len = config.scheduler.max_model_len
         self.loaded = loaded or load_model(config.model, self.device, self.dtype, max_len)
+        self.arch = self.loaded.arch
         self.model_config = self.loaded.config
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = min(max_len or self.model_config.max_position_embeddings, self.model.rotary.cos.shape[0])
         self.pool = UnifiedPool.create(self.model_config, config.pool, self.dtype, self.device)
-        self.registry = AdapterRegistry(self.model_config, config.lora.max_lora_rank)
-        store = HostStore(self.model_config, self.dtype, self.device.type == "cuda", config.lora.max_cpu_adapters)
+        self.registry = AdapterRegistry(self.arch, config.lora.max_lora_rank)
+        store = HostStore(self.arch, self.dtype, self.device.type == "cuda", config.lora.max_cpu_adapters)
         self.residency = AdapterResidency(self.registry, store, self.pool)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.residency, self.max_model_len)
         for name, path in config.lora.adapters.items():
@@ -107,38 +109,25 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0  # steps that ran a forward pass
         self._sampled: _SampledStep | None = None  # the last step's tokens, not yet read back
-        # The Triton LoRA kernels' form, or None where steps do not run them (torch backend, ablations).
-        uses_triton = resolve_backend(config.backend, self.device) == "triton"
-        self.triton_lora_form = triton_lora_form(config.lora_kernel) \
-            if uses_triton and config.lora_kernel not in ABLATION_KERNELS else None
-        self._precompile_lora_kernels()
+        self.backend = select_backend(config.backend, self.device, config.lora_kernel)
+        self.backend.precompile(self.pool.layers[0], self.arch)
         self.graphs = self._step_graphs()
         torch.manual_seed(config.seed)
-
-    def _precompile_lora_kernels(self) -> None:
-        """On a GPU, compile every LoRA kernel variant that steps can launch, before serving: a compile
-        inside a step stalls every request of the batch for a second or more (`triton_lora.precompile`)."""
-        if self.device.type != "cuda" or self.triton_lora_form is None:
-            return
-        from slora.kernels import triton_lora
-        from slora.models.llama import projection_inputs
-
-        triton_lora.precompile(self.pool.layers[0], projection_inputs(self.model_config), self.triton_lora_form)
 
     def _step_graphs(self) -> StepGraphs | None:
         """CUDA graphs for steps, when the config and the device call for them (see EngineConfig)."""
         wanted = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
-        if not wanted or self.triton_lora_form is None:  # graphs run the Triton kernels; the ablations'
-            return None  # shapes follow the batch
+        if not wanted or self.backend.graph_lora_form is None:
+            return None
         limits = GraphLimits(max_batch=self.config.scheduler.max_num_seqs, max_context=min(self.max_model_len, 16384),
                              max_lora_rank=self.config.lora.max_lora_rank,
                              row_capacity=self.pool.rows(0).shape[0], num_layers=self.model_config.num_layers,
-                             scale=self.model_config.head_dim**-0.5,
+                             num_modules=len(self.arch.targets), scale=self.model_config.head_dim**-0.5,
                              max_tokens=self.config.scheduler.max_num_batched_tokens)
-        graphs = StepGraphs(self.model, self.pool.layers, limits, self.pool.scratch_slot,
-                              capture=self.device.type == "cuda")
+        graphs = StepGraphs(self.model, self.pool.layers, limits, self.pool.scratch_slot, self.backend,
+                            capture=self.device.type == "cuda")
         if graphs.capture and self.config.capture_graphs_at_start:  # with LoRA too: adapters may come at run time
-            graphs.record_all([self.triton_lora_form])
+            graphs.record_all()
         return graphs
 
     # --- requests --------------------------------------------------------------------------------
@@ -275,9 +264,8 @@ class LLMEngine:
         logits = None
         pending = self._sampled.pending() if self._sampled is not None else None
         try:
-            batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.model_config.head_dim,
-                                                  self.device, self.residency, self.config.backend,
-                                                  self.config.lora_kernel, pending)
+            batch, sampling = build_forward_batch(scheduled, self.pool.layers, self.arch, self.backend,
+                                                  self.residency, pending)
             graph = self.graphs.bucket(batch) if self.graphs is not None else None
             self.residency.mark_step_issued()
             logits = self.model(batch) if graph is None else self.graphs.run(batch, graph)

@@ -1,8 +1,8 @@
 """Paged attention over the unified pool, torch reference version.
 
-New tokens' K/V are written into their slots first; each sequence then attends to all of its
-slots (prefix already in the pool plus the new tokens) with a causal mask aligned to the end of its
-context. This serves prefill, chunked prefill and decode alike, and is the oracle for the fast
+New tokens' K/V are written into their slots first; each sequence (a row of the step's `SlotTable`)
+then attends to all of its slots (prefix already in the pool plus the new tokens) with a causal mask
+aligned to the end of its context. This serves prefill, chunked prefill and decode alike, and is the oracle for the fast
 kernels.
 """
 
@@ -26,14 +26,15 @@ def paged_attention(
     write_kv(kv_layer, meta.slot_mapping, k, v)
     out = torch.empty_like(q)
     group = q.shape[1] // kv_layer.shape[2]
-    for start, length, slots in zip(meta.query_starts, meta.query_lens, meta.context_slots):
-        context = kv_layer[slots]  # [L, 2, KVH, D]
+    table = meta.slot_table
+    rows = zip(table.host_query_starts.tolist(), table.host_query_lens.tolist(), table.host_context_lens.tolist())
+    for row, (start, length, context_len) in enumerate(rows):
+        context = kv_layer[table.slots[row, :context_len].long()]  # [L, 2, KVH, D]
         keys = context[:, 0].repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, D]
         values = context[:, 1].repeat_interleave(group, dim=1).transpose(0, 1)
         queries = q[start : start + length].transpose(0, 1)  # [H, Q, D]
         # Query i sits at context position L - Q + i and sees keys 0..that position.
-        offset = slots.numel() - length
-        mask = torch.ones(length, slots.numel(), dtype=torch.bool, device=q.device).tril(diagonal=offset)
+        mask = torch.ones(length, context_len, dtype=torch.bool, device=q.device).tril(diagonal=context_len - length)
         attended = F.scaled_dot_product_attention(
             queries.float(), keys.float(), values.float(), attn_mask=mask, scale=meta.scale
         )

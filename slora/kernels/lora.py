@@ -1,15 +1,15 @@
-"""The batched LoRA op on the unified pool, torch reference version (the oracle for fast kernels).
+"""A step's LoRA metadata, and the batched LoRA op on the unified pool in plain torch (the oracle).
 
-For every token t with adapter a(t): `y[t] += s_a * (x[t] @ A_a^T) @ B_a^T`, where A and B^T are
-read in place from the pool's rows through the adapter's row table (no contiguous copy is kept).
-Tokens are grouped by adapter (S-LoRA's segments; a decode token is a segment of one), so
-adapters of different ranks share one batch and tokens without an adapter cost nothing.
+`LoRABatch` is the step's adapters and tokens as flat tables, built once per step and read by every
+LoRA op (this reference, `triton_lora.py`, `lora_ablations.py`): one segment per adapter (S-LoRA's
+segments; a decode token is a segment of one), the adapters' row tables concatenated, and per
+(layer, module) every adapter's rank and scaling, over the architecture's module axis. It is
+assembled on the host with numpy from each resident adapter's column (`ResidentAdapter.tables`),
+in one buffer (`LoRATables`) that reaches the device in one copy.
 
-`LoRABatch` is the same step as flat tensors, built once per step for the Triton kernels
-(`triton_lora.py`): one segment per adapter, the adapters' row tables concatenated, and per
-(layer, module) every adapter's rank and scaling. It is assembled on the host with numpy from each
-adapter's cached column (`ResidentAdapter.tables`), in one buffer (`LoRATables`) that reaches the
-device in one copy.
+`TorchLoRA`: for every token t with adapter a(t), `y[t] += s_a * (x[t] @ A_a^T) @ B_a^T`, with A and
+B^T read in place from the pool's rows through the row table (no contiguous copy is kept); adapters
+of different ranks share one batch and tokens without an adapter cost nothing.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from slora.kernels.metadata import Projection, block_items, to_device
-# MODULE_INDEX: re-exported, the kernels' module axis.
-from slora.lora.residency import MODULE_INDEX, MODULES, AdapterTables, ResidentAdapter  # noqa: F401
+from slora.architecture import Projection
+from slora.kernels.metadata import LoRAOp, block_items, to_device
+from slora.lora.residency import AdapterTables, ResidentAdapter
 
 
 def read_rows(rows: torch.Tensor, row_ids: torch.Tensor, rank: int, chunks: int, width: int) -> torch.Tensor:
@@ -44,12 +44,6 @@ def expand(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, b_row_ids: torc
     return y + scaling * (v @ b_t.to(v.dtype))
 
 
-@dataclass
-class AdapterTokens:
-    adapter: ResidentAdapter
-    token_indices: torch.Tensor  # positions in the flat batch of the tokens that use it
-
-
 # Elements: every table of a `LoRATables` buffer starts 64-byte aligned, as a tensor of its own would (Triton
 # compiles a kernel apart for pointers that are not 16-byte aligned).
 _ALIGN = 16
@@ -65,8 +59,8 @@ class LoRATables:
     tables, `engine/cuda_graphs.py`, whose host side is one of these, pinned).
     """
 
-    def __init__(self, num_rows: int, num_layers: int, width: int, num_tokens: int, pin_memory: bool = False):
-        modules = len(MODULES)
+    def __init__(self, num_rows: int, num_layers: int, modules: int, width: int, num_tokens: int,
+                 pin_memory: bool = False):
         shapes = {"segment_starts": (width + 1,), "token_indices": (num_tokens,), "token_adapters": (num_tokens,),
                   "a_offsets": (modules, width), "b_offsets": (modules, width), "ranks": (num_layers, modules, width),
                   "scalings": (num_layers, modules, width), "row_table": (num_rows,)}
@@ -156,25 +150,20 @@ class LoRABatch:
         return block_items(np.minimum(-(-np.diff(starts).astype(np.int64) // block_m), max_m_splits))
 
     @classmethod
-    def build(cls, groups: list[AdapterTokens], num_layers: int, device: torch.device | str) -> "LoRABatch":
-        return cls.from_lists([g.adapter for g in groups], [g.token_indices.tolist() for g in groups], num_layers,
-                              device)
-
-    @classmethod
     def from_lists(cls, adapters: list[ResidentAdapter], token_lists: list[list[int]], num_layers: int,
-                   device: torch.device | str) -> "LoRABatch":
+                   num_modules: int, device: torch.device | str) -> "LoRABatch":
         """Adapter j's tokens are `token_lists[j]` (positions in the flat batch)."""
-        columns = [adapter.tables(num_layers) for adapter in adapters]
+        columns = [adapter.tables for adapter in adapters]
         lengths = np.fromiter(map(len, token_lists), dtype=np.int32, count=len(token_lists))
         num_rows = np.fromiter((c.row_table.size for c in columns), dtype=np.int32, count=len(columns))
         # Pinned for a CUDA device: the copy is then asynchronous (torch's pinned-memory cache keeps the buffer
         # from reuse until the copy is done).
-        tables = LoRATables(int(num_rows.sum()), num_layers, len(adapters), int(lengths.sum()),
+        tables = LoRATables(int(num_rows.sum()), num_layers, num_modules, len(adapters), int(lengths.sum()),
                             pin_memory=torch.device(device).type == "cuda")
         t = tables.arrays
         if columns:
             np.concatenate([c.row_table for c in columns], out=t["row_table"])
-            side = AdapterTables.side_by_side(columns, num_layers)
+            side = AdapterTables.side_by_side(columns, num_layers, num_modules)
             row_starts = np.cumsum(num_rows) - num_rows  # where each adapter's rows begin in the row table
             for name in ("a_offsets", "b_offsets"):  # 0 for modules an adapter does not target
                 t[name][:] = (side[name] + row_starts) * side["targeted"]
@@ -189,34 +178,61 @@ class LoRABatch:
                    host=tables)
 
 
-class ModuleByModule:
-    """A `LoRADelta` that applies the modules of a projection one after another, each to its columns."""
-
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> None:
-        for module, columns in projection.columns(y):
-            self.add_module_delta(columns, x, layer, module)
-
-    def add_module_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-        raise NotImplementedError
+def pool_rows(kv_layer: torch.Tensor) -> torch.Tensor:
+    """A pool layer `[slots, 2, kv_heads, head_dim]` seen as rows of `kv_dim` elements."""
+    return kv_layer.view(-1, kv_layer.shape[-2] * kv_layer.shape[-1])
 
 
-class TorchLoRA(ModuleByModule):
-    """`LoRADelta` for one step: the batch's adapters and their tokens."""
+@dataclass
+class _Shrunk:
+    """One adapter's shrink of one module: what `TorchLoRA.finish` expands."""
 
-    def __init__(self, layers: list[torch.Tensor], groups: list[AdapterTokens]):
+    tokens: torch.Tensor  # its tokens' positions in the flat batch
+    start: int  # the module's first column in y
+    width: int
+    v: torch.Tensor  # [tokens, rank]
+    b_row_ids: torch.Tensor
+    b_chunks: int
+    scaling: float
+
+
+class TorchLoRA:
+    """`LoRAOp` for one step in plain torch: each adapter's tokens, module by module."""
+
+    def __init__(self, layers: list[torch.Tensor], batch: LoRABatch):
         self.layers = layers
-        self.groups = groups
+        self.batch = batch
+        t = batch.host.arrays
+        self._ranks, self._scalings = t["ranks"], t["scalings"]
+        self._a_offsets, self._b_offsets = t["a_offsets"], t["b_offsets"]
+        starts = t["segment_starts"][: batch.num_segments + 1].tolist()
+        self._tokens = [batch.token_indices[a:b].long() for a, b in itertools.pairwise(starts)]
 
-    def add_module_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-        pool_rows = self.layers[layer].view(-1, self.layers[layer].shape[-2] * self.layers[layer].shape[-1])
-        for group in self.groups:
-            adapter = group.adapter
-            rank = adapter.layer_ranks.get((layer, module))
-            if rank is None:
-                continue
-            m = adapter.layout.modules[module]
-            a_ids = adapter.row_table[m.a_start : m.a_start + rank * m.a_chunks]
-            b_ids = adapter.row_table[m.b_start : m.b_start + rank * m.b_chunks]
-            idx = group.token_indices
-            v = shrink(x[idx], pool_rows, a_ids, rank, m.a_chunks)
-            y[idx] = expand(y[idx], v, pool_rows, b_ids, m.b_chunks, adapter.layer_scalings[(layer, module)])
+    def start(self, x: torch.Tensor, layer: int, projection: Projection) -> tuple[torch.Tensor, list[_Shrunk]] | None:
+        rows = pool_rows(self.layers[layer])
+        kv_dim, a_chunks = rows.shape[1], -(-x.shape[1] // rows.shape[1])
+        started = []
+        for m, start, width in zip(projection.targets, projection.starts, projection.widths):
+            b_chunks = -(-width // kv_dim)
+            for j, tokens in enumerate(self._tokens):
+                rank = int(self._ranks[layer, m, j])
+                if rank == 0:
+                    continue
+                a, b = int(self._a_offsets[m, j]), int(self._b_offsets[m, j])
+                v = shrink(x[tokens], rows, self.batch.row_table[a : a + rank * a_chunks].long(), rank, a_chunks)
+                started.append(_Shrunk(tokens, start, width, v, self.batch.row_table[b : b + rank * b_chunks].long(),
+                                       b_chunks, float(self._scalings[layer, m, j])))
+        return (rows, started) if started else None
+
+    def finish(self, started: tuple[torch.Tensor, list[_Shrunk]], y: torch.Tensor) -> None:
+        rows, shrunk = started
+        for s in shrunk:
+            columns = y[:, s.start : s.start + s.width]
+            columns[s.tokens] = expand(columns[s.tokens], s.v, rows, s.b_row_ids, s.b_chunks, s.scaling)
+
+
+def apply_lora(op: LoRAOp, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> None:
+    """Both halves of a LoRA op into `y` in place, with nothing between them (a model runs its GEMM there)."""
+    started = op.start(x, layer, projection)
+    if started is not None:
+        op.finish(started, y)

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from slora.kernels.lora import MODULE_INDEX, LoRABatch, ModuleByModule
+from slora.architecture import Projection
+from slora.kernels.lora import LoRABatch, pool_rows
+
+# What `start` hands to `finish`: each module's delta and its first column in y.
+Deltas = list[tuple[int, torch.Tensor]]
 
 
-class PaddedBmmLoRA(ModuleByModule):
+class PaddedBmmLoRA:
     """`gather="token"`: S-LoRA's gather + bmm ablation; `gather="adapter"`: its padded ablation."""
 
     def __init__(self, layers: list[torch.Tensor], batch: LoRABatch, gather: str):
@@ -31,7 +35,7 @@ class PaddedBmmLoRA(ModuleByModule):
         self.tokens = batch.token_indices.long()
         self.token_adapters = batch.token_adapters.long()
         # Each module's padded rank: its largest over the batch's adapters and the layers.
-        self.max_ranks = {m: max(ranks[i] for ranks in batch.max_ranks) for m, i in MODULE_INDEX.items()}
+        self.max_ranks = [max(column) for column in zip(*batch.max_ranks)]
 
     def _padded(self, rows: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor, rank: int, chunks: int,
                 width: int) -> torch.Tensor:
@@ -43,25 +47,31 @@ class PaddedBmmLoRA(ModuleByModule):
         keep = torch.arange(rank, device=rows.device)[None, :] < ranks[:, None]
         return matrix * keep[:, :, None].to(matrix.dtype)
 
-    def add_module_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-        rank = self.max_ranks[module]
-        if rank == 0 or self.tokens.numel() == 0:
-            return
-        m = MODULE_INDEX[module]
-        rows = self.layers[layer].view(-1, self.layers[layer].shape[-2] * self.layers[layer].shape[-1])
+    def start(self, x: torch.Tensor, layer: int, projection: Projection) -> Deltas | None:
+        deltas = [(start, self._delta(x, layer, m, width))
+                  for m, start, width in zip(projection.targets, projection.starts, projection.widths)
+                  if self.max_ranks[m] and self.tokens.numel()]
+        return deltas or None
+
+    def finish(self, started: Deltas, y: torch.Tensor) -> None:
+        for start, delta in started:
+            y[self.tokens, start : start + delta.shape[1]] += delta.to(y.dtype)
+
+    def _delta(self, x: torch.Tensor, layer: int, m: int, out_features: int) -> torch.Tensor:
+        """`s * (x @ A^T) @ B^T` of module m for every LoRA token: `[tokens, out_features]`."""
+        rank, rows = self.max_ranks[m], pool_rows(self.layers[layer])
         kv_dim = rows.shape[1]
-        a_chunks, b_chunks = -(-x.shape[1] // kv_dim), -(-y.shape[1] // kv_dim)
+        a_chunks, b_chunks = -(-x.shape[1] // kv_dim), -(-out_features // kv_dim)
         ranks, scalings = self.batch.ranks[layer, m], self.batch.scalings[layer, m]
         if self.gather == "token":  # every token gathers its own adapter's rows
             pick = self.token_adapters
             a = self._padded(rows, self.batch.a_offsets[m][pick], ranks[pick], rank, a_chunks, x.shape[1])
-            b = self._padded(rows, self.batch.b_offsets[m][pick], ranks[pick], rank, b_chunks, y.shape[1])
+            b = self._padded(rows, self.batch.b_offsets[m][pick], ranks[pick], rank, b_chunks, out_features)
         else:  # every adapter's rows once, padded; then each token takes its adapter's
             a = self._padded(rows, self.batch.a_offsets[m], ranks, rank, a_chunks, x.shape[1])[self.token_adapters]
-            b = self._padded(rows, self.batch.b_offsets[m], ranks, rank, b_chunks, y.shape[1])[self.token_adapters]
+            b = self._padded(rows, self.batch.b_offsets[m], ranks, rank, b_chunks, out_features)[self.token_adapters]
         v = torch.bmm(x[self.tokens].unsqueeze(1), a.to(x.dtype).transpose(1, 2))  # [n, 1, rank]
-        delta = torch.bmm(v, b.to(x.dtype)).squeeze(1) * scalings[self.token_adapters][:, None].to(x.dtype)
-        y[self.tokens] += delta.to(y.dtype)
+        return torch.bmm(v, b.to(x.dtype)).squeeze(1) * scalings[self.token_adapters][:, None].to(x.dtype)
 
 
 __all__ = ["PaddedBmmLoRA"]

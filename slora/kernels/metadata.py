@@ -1,17 +1,19 @@
-"""What the kernels read for one engine step: the flat batch, its attention layout and LoRA hook.
+"""What the kernels read for one engine step: the flat batch, its attention layout and LoRA op, and
+the interfaces the model calls them through.
 
-`engine/batch.py` builds these from scheduled requests; the model and kernels only read them, so
-neither knows about requests, scheduling or adapter residency.
+`engine/batch.py` builds these from a step's scheduled sequences; the model and kernels only read
+them, so neither knows about requests, scheduling or adapter residency.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from slora.architecture import Projection
 
 @dataclass
 class SlotTable:
@@ -32,7 +34,11 @@ class SlotTable:
     max_context_len: int
     num_decode: int = 0  # leading rows with one query each (all rows when max_query_len is 1)
     decode_max_context_len: int = 0  # the longest context among them
-    host_query_lens: np.ndarray | None = None  # `query_lens` on the host (what `prefill_items` is built from)
+    # `query_lens`, `query_starts` and `context_lens` on the host (what `prefill_items` and the torch
+    # reference read); None in a CUDA graph's static table.
+    host_query_lens: np.ndarray | None = None
+    host_query_starts: np.ndarray | None = None
+    host_context_lens: np.ndarray | None = None
     # The prefill kernel's programs along the queries of the rows from `num_decode` on: fixed ones (a
     # CUDA graph's static table, whose row views keep them), else made by `prefill_items` per block size.
     items: torch.Tensor | None = None
@@ -52,26 +58,30 @@ class SlotTable:
             row[: context_lens[index]] = context_slots[index]
         num_decode = int((lens == 1).sum())
         as_int32 = lambda values: to_device(np.ascontiguousarray(values, dtype=np.int32), torch.device(device))  # noqa: E731
+        starts = np.asarray(query_starts, dtype=np.int32)[order]
         return cls(
             slots=as_int32(padded),
             context_lens=as_int32(context_lens[order]),
-            query_starts=as_int32(np.asarray(query_starts, dtype=np.int32)[order]),
+            query_starts=as_int32(starts),
             query_lens=as_int32(lens[order]),
             max_query_len=int(lens.max(initial=0)),
             max_context_len=width,
             num_decode=num_decode,
             decode_max_context_len=int(context_lens[order[:num_decode]].max(initial=0)),
             host_query_lens=lens[order],
+            host_query_starts=starts,
+            host_context_lens=context_lens[order],
         )
 
     def rows(self, start: int, end: int, max_query_len: int, max_context_len: int,
              items: torch.Tensor | None = None) -> "SlotTable":
         """Rows `[start, end)` as a table of their own (views: nothing is copied)."""
-        host = self.host_query_lens[start:end] if self.host_query_lens is not None else None
+        host = [None if a is None else a[start:end]
+                for a in (self.host_query_lens, self.host_query_starts, self.host_context_lens)]
         return SlotTable(self.slots[start:end], self.context_lens[start:end], self.query_starts[start:end],
                          self.query_lens[start:end], max_query_len, max_context_len,
                          end - start if max_query_len == 1 else 0, max_context_len if max_query_len == 1 else 0,
-                         host, items)
+                         *host, items)
 
     def parts(self) -> tuple["SlotTable | None", "SlotTable"]:
         """A step with prompt chunks as (its decoding rows or None, its other rows): made once per step,
@@ -118,42 +128,36 @@ def int64_tensor(values, device: torch.device | str) -> torch.Tensor:
 
 @dataclass
 class AttentionMetadata:
-    """Where each sequence's queries are in the flat batch and where its K/V live in the pool.
-
-    Sequence i owns query tokens `[query_starts[i], query_starts[i] + query_lens[i])`, which are
-    the last `query_lens[i]` of its `context_slots[i]` (all of its tokens' slots, in order).
-    """
+    """Where each new token's K/V go in the pool (`slot_mapping`) and each sequence's context (`slot_table`)."""
 
     slot_mapping: torch.Tensor  # [T] int64: pool slot of each new token's K/V
-    query_starts: list[int]
-    query_lens: list[int]
-    context_slots: list[torch.Tensor] | None  # per sequence, [context_len]; None where `slot_table` holds them
-    scale: float
-    slot_table: SlotTable | None = None  # the slots padded into one tensor (Triton backend: all it reads)
+    slot_table: SlotTable
+    scale: float  # the softmax scale
 
 
-@dataclass(frozen=True)
-class Projection:
-    """LoRA-targetable linears of one input run as one GEMM (q/k/v, gate/up, or one alone): module
-    `modules[i]`'s output is columns `[starts[i], starts[i] + widths[i])` of the GEMM's output."""
+class LoRAOp(Protocol):
+    """The LoRA op contract: for each token t with adapter a(t), add `s_a * (x[t] @ A_a^T) @ B_a^T` of each
+    module of a projection into that module's columns of the projection's output y.
 
-    modules: tuple[str, ...]
-    widths: tuple[int, ...]
+    In two halves, so that the base GEMM can run between them: `start` needs only x (the shrink) and
+    returns what `finish` needs, or None when no adapter of the batch targets the projection at this
+    layer; `finish` adds the delta into y. A later op may compute `start`'s part elsewhere (a side
+    stream, a LoRA server) while the GEMM runs.
+    """
 
-    @property
-    def starts(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in np.cumsum((0,) + self.widths[:-1]))
+    def start(self, x: torch.Tensor, layer: int, projection: Projection) -> Any | None: ...
 
-    def columns(self, y: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """Each module's output as a view of `y`."""
-        return [(m, y[:, s : s + w]) for m, s, w in zip(self.modules, self.starts, self.widths)]
+    def finish(self, started: Any, y: torch.Tensor) -> None: ...
 
 
-class LoRADelta(Protocol):
-    """The LoRA op contract: add `s_a * (x @ A_a^T) @ B_a^T` for each token's adapter to `y`, for
-    each module of the projection, into that module's columns of `y`."""
+class Backend(Protocol):
+    """The kernels a model calls (`kernels/backend.py` has the implementations)."""
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> None: ...
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                  layer: int, batch: "ForwardBatch") -> torch.Tensor: ...
 
 
 @dataclass
@@ -163,5 +167,5 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [N]: the tokens whose next-token logits are needed
     attention: AttentionMetadata
     kv_cache: list[torch.Tensor]  # the pool's per-layer tensors [num_slots, 2, kv_heads, head_dim]
-    lora: LoRADelta | None = None
-    backend: str = "torch"  # "torch" (reference kernels) or "triton"
+    backend: Backend
+    lora: LoRAOp | None = None

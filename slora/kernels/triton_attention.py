@@ -223,20 +223,12 @@ def decode(q: torch.Tensor, out: torch.Tensor, kv_layer: torch.Tensor, table: Sl
             num_splits, BLOCK_S=MAX_DECODE_SPLITS, BLOCK_D=block_d)
 
 
-def slot_table_of(meta: AttentionMetadata) -> SlotTable:
-    """The batch's `SlotTable`: built by `engine/batch.py` once per step, or here from the slot lists."""
-    if meta.slot_table is not None:
-        return meta.slot_table
-    device = meta.slot_mapping.device
-    return SlotTable.build(meta.query_starts, meta.query_lens, [s.tolist() for s in meta.context_slots], device)
-
-
 def attend_pool(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
                 num_splits: int | None = None) -> torch.Tensor:
     """Attention of q ([T, H, D]) to each sequence's K/V already in the pool, new tokens' included."""
     q = q if q.stride(2) == 1 else q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    table = slot_table_of(meta)
+    table = meta.slot_table
     if table.slots.shape[0] == 0:
         return out
     if table.max_query_len == 1:
@@ -256,4 +248,4 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer:
     return attend_pool(q, kv_layer, meta, num_splits)
 
 
-__all__ = ["attend_pool", "decode", "decode_splits", "paged_attention", "prefill", "slot_table_of"]
+__all__ = ["attend_pool", "decode", "decode_splits", "paged_attention", "prefill"]

@@ -38,6 +38,7 @@ tokens, expand's y tile enters a product too (`identity @ y`), so that it is pip
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -46,8 +47,8 @@ import triton.language as tl
 
 from slora.kernels import triton_interpreter
 from slora.kernels.triton_interpreter import dot, dot_mode
-from slora.kernels.lora import MODULE_INDEX, LoRABatch
-from slora.kernels.metadata import Projection
+from slora.architecture import Projection
+from slora.kernels.lora import LoRABatch, pool_rows
 
 triton_interpreter.patch()
 
@@ -439,7 +440,7 @@ def multiprocessors(device: torch.device) -> int | None:
 class ProjectionTables:
     """Where each module of a projection lives, as the kernels read it (built once per shape)."""
 
-    modules: torch.Tensor  # [P] int32: each module's index in `MODULES` (rows of the rank tables)
+    modules: torch.Tensor  # [P] int32: each module's index in the spec's targets (rows of the rank tables)
     columns: torch.Tensor  # [P] int32: each module's first column in the projection's output, in width units
     widths: torch.Tensor  # [P] int32: each module's output features, in width units
     b_chunks: torch.Tensor  # [P] int32: pool rows per canonical row of each module's B^T
@@ -455,7 +456,7 @@ def projection_tables(projection: Projection, kv_dim: int, device: torch.device)
         as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
         unit = 16 if all(width % 16 == 0 for width in projection.widths) else 1
         _TABLES[key] = ProjectionTables(
-            modules=as_int32([MODULE_INDEX[m] for m in projection.modules]),
+            modules=as_int32(list(projection.targets)),
             columns=as_int32([start // unit for start in projection.starts]),
             widths=as_int32([width // unit for width in projection.widths]),
             b_chunks=as_int32([triton.cdiv(width, kv_dim) for width in projection.widths]), width_unit=unit)
@@ -474,7 +475,7 @@ def projection_max_rank(batch: LoRABatch, layer: int, projection: Projection) ->
     """The largest rank any adapter of the batch has on any module of the projection (0: nothing to do)."""
     if batch.num_tokens == 0:
         return 0
-    return max(batch.max_ranks[layer][MODULE_INDEX[m]] for m in projection.modules)
+    return max(batch.max_ranks[layer][m] for m in projection.targets)
 
 
 def shrink(x: torch.Tensor, rows: torch.Tensor, batch: LoRABatch, layer: int, projection: Projection,
@@ -560,11 +561,21 @@ def launch_configs(form: str, batch: LoRABatch, projection: Projection, in_featu
     return choose("shrink", in_features), choose("expand", max(projection.widths))
 
 
-class TritonLoRA:
-    """`LoRADelta` for one step on the Triton kernels: same semantics as `TorchLoRA`.
+@dataclass
+class _Started:
+    """What `TritonLoRA.start` (shrink) hands to `finish` (expand)."""
 
-    `form` is "segment" (the default: it measured faster on an H100 even for decode batches of one
-    token per adapter, see bench/results) or "token". Launch configurations are chosen once per
+    shrunk: Shrunk
+    rows: torch.Tensor
+    layer: int
+    projection: Projection
+    config: LoRAKernelConfig
+
+
+class TritonLoRA:
+    """`LoRAOp` for one step on the Triton kernels: same semantics as `TorchLoRA`.
+
+    `form` is "segment" (the default) or "token". Launch configurations are chosen once per
     projection and largest rank, not once per layer.
     """
 
@@ -578,23 +589,27 @@ class TritonLoRA:
         self.config = config
         self._configs: dict[tuple[Projection, int, int], tuple[LoRAKernelConfig, LoRAKernelConfig]] = {}
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: Projection) -> None:
-        if x.stride(-1) != 1 or y.stride(-1) != 1:
-            raise ValueError(f"{'/'.join(projection.modules)}: LoRA kernels need rows of x and y contiguous, "
-                             f"got strides {x.stride()} and {y.stride()}")
+    def start(self, x: torch.Tensor, layer: int, projection: Projection) -> _Started | None:
+        if x.stride(-1) != 1:
+            raise ValueError(f"{'/'.join(projection.modules)}: LoRA kernels need rows of x contiguous, "
+                             f"got strides {x.stride()}")
         max_rank = projection_max_rank(self.batch, layer, projection)
         if max_rank == 0:
-            return
-        kv_layer = self.layers[layer]
-        rows = kv_layer.view(-1, kv_layer.shape[-2] * kv_layer.shape[-1])
+            return None
+        rows = pool_rows(self.layers[layer])
         key = (projection, x.shape[1], max_rank)
         if key not in self._configs:
             self._configs[key] = launch_configs(self.form, self.batch, projection, x.shape[1], max_rank, rows,
                                                 self.config)
         shrink_config, expand_config = self._configs[key]
         shrunk = _shrink(x, rows, self.batch, layer, projection, self.form, shrink_config, max_rank)
-        _expand(y, shrunk, rows, self.batch, layer, projection, self.form, expand_config)
+        return _Started(shrunk, rows, layer, projection, expand_config)
 
+    def finish(self, started: _Started, y: torch.Tensor) -> None:
+        if y.stride(-1) != 1:
+            raise ValueError(f"LoRA kernels need rows of y contiguous, got strides {y.stride()}")
+        _expand(y, started.shrunk, started.rows, self.batch, started.layer, started.projection, self.form,
+                started.config)
 
 
 def compile_variants(form: str) -> list[tuple[str, LoRAKernelConfig]]:
@@ -605,18 +620,20 @@ def compile_variants(form: str) -> list[tuple[str, LoRAKernelConfig]]:
             for op in ("shrink", "expand") for block_m in blocks_m]
 
 
-def precompile(kv_layer: torch.Tensor, projections: list[tuple[Projection, int]], form: str = "segment") -> int:
+def precompile(kv_layer: torch.Tensor, projections: Iterable[Projection], num_modules: int,
+               form: str = "segment") -> int:
     """Compile every kernel variant that serving steps of `form` can launch on this device, now, so
-    that no step waits for a compile (a second or more each). `projections` are the model's
-    (projection, input features). Launches over one adapter column of rank 0 (every program exits
+    that no step waits for a compile (a second or more each). `projections` are the model's, over
+    an axis of `num_modules` modules. Launches over one adapter column of rank 0 (every program exits
     at once) with the model's shapes and dtypes, so the compiled variants are the ones steps use.
     Returns the number of launches made."""
     device, dtype = kv_layer.device, kv_layer.dtype
-    rows = kv_layer.view(-1, kv_layer.shape[-2] * kv_layer.shape[-1])
+    rows = pool_rows(kv_layer)
     launches = 0
     for block_m in {config.block_m for _, config in compile_variants(form)}:
-        batch = _empty_batch(1 if block_m is None else block_m, device)  # a segment of BLOCK_M tokens
-        for projection, in_features in projections:
+        batch = _empty_batch(1 if block_m is None else block_m, num_modules, device)  # a segment of BLOCK_M tokens
+        for projection in projections:
+            in_features = projection.in_features
             max_rank = projection_max_rank(batch, 0, projection)
             x = torch.zeros(batch.num_tokens, in_features, dtype=dtype, device=device)
             y = torch.zeros(batch.num_tokens, sum(projection.widths), dtype=dtype, device=device)
@@ -627,10 +644,9 @@ def precompile(kv_layer: torch.Tensor, projections: list[tuple[Projection, int]]
     return launches
 
 
-def _empty_batch(num_tokens: int, device: torch.device) -> LoRABatch:
+def _empty_batch(num_tokens: int, modules: int, device: torch.device) -> LoRABatch:
     """One segment of `num_tokens` tokens whose adapter has rank 0 everywhere (but is launched for)."""
     zeros = lambda *shape, dtype=torch.int32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-    modules = len(MODULE_INDEX)
     return LoRABatch(adapters=[], row_table=zeros(1), a_offsets=zeros(modules, 1), b_offsets=zeros(modules, 1),
                      ranks=zeros(1, modules, 1), scalings=zeros(1, modules, 1, dtype=torch.float32),
                      token_indices=torch.arange(num_tokens, dtype=torch.int32, device=device),

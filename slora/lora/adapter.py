@@ -29,17 +29,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 
-from slora.config import ModelConfig
+from slora.architecture import ArchitectureSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 
-# The block of a Llama-family decoder layer that holds each targetable linear.
-MODULE_BLOCKS = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 # Config keys of LoRA variants whose math is not `s * B @ A @ x` on the base weights: refused when set.
 UNSUPPORTED_FEATURES = {
@@ -77,11 +72,6 @@ class AdapterError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
-def module_key(layer: int, module: str) -> str:
-    """Full name of a targetable linear inside a Llama-family `*ForCausalLM`, as PEFT matches it."""
-    return f"model.layers.{layer}.{MODULE_BLOCKS[module]}.{module}"
-
-
 @dataclass(frozen=True)
 class AdapterSpec:
     """A validated adapter: what it targets, with which ranks and scalings. No weights held.
@@ -115,9 +105,8 @@ class AdapterSpec:
     def scaling(self, layer: int, module: str) -> float:
         return self.layer_scalings[(layer, module)]
 
-    def num_parameters(self, model: ModelConfig) -> int:
-        shapes = model.module_shapes()
-        return sum(r * sum(shapes[m]) for (_, m), r in self.layer_ranks.items())
+    def num_parameters(self, arch: ArchitectureSpec) -> int:
+        return sum(r * sum(arch.shape(m)) for (_, m), r in self.layer_ranks.items())
 
 
 @dataclass
@@ -127,7 +116,7 @@ class LoRAWeights:
     scaling: float
 
 
-def read_adapter(name: str, path: str | Path, model: ModelConfig, max_rank: int = 256) -> AdapterSpec:
+def read_adapter(name: str, path: str | Path, arch: ArchitectureSpec, max_rank: int = 256) -> AdapterSpec:
     """Validate an adapter folder from its config and safetensors header; reads no weights."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -135,10 +124,10 @@ def read_adapter(name: str, path: str | Path, model: ModelConfig, max_rank: int 
     folder = folder.resolve()
     config = _read_config(folder / CONFIG_FILE)
     weights_file = _weights_file(folder)
-    pairs = _target_pairs(config, folder / CONFIG_FILE, model)
-    layer_ranks, layer_scalings = _ranks_and_scalings(config, folder / CONFIG_FILE, pairs, max_rank)
-    tensor_names = _check_header(weights_file, model, layer_ranks)
-    modules = tuple(m for m in model.module_shapes() if any(pm == m for _, pm in pairs))
+    pairs = _target_pairs(config, folder / CONFIG_FILE, arch)
+    layer_ranks, layer_scalings = _ranks_and_scalings(config, folder / CONFIG_FILE, pairs, arch, max_rank)
+    tensor_names = _check_header(weights_file, arch, layer_ranks)
+    modules = tuple(m for m in arch.module_names if any(pm == m for _, pm in pairs))
     ranks = {m: max(r for (_, pm), r in layer_ranks.items() if pm == m) for m in modules}
     scalings = {m: next(s for (_, pm), s in layer_scalings.items() if pm == m) for m in modules}
     return AdapterSpec(
@@ -149,9 +138,8 @@ def read_adapter(name: str, path: str | Path, model: ModelConfig, max_rank: int 
     )
 
 
-def load_adapter_weights(spec: AdapterSpec, model: ModelConfig) -> dict[tuple[int, str], LoRAWeights]:
+def load_adapter_weights(spec: AdapterSpec, arch: ArchitectureSpec) -> dict[tuple[int, str], LoRAWeights]:
     """Read every (layer, module)'s A and B as float32; check shapes again and that values are finite."""
-    shapes = model.module_shapes()
     weights: dict[tuple[int, str], LoRAWeights] = {}
     # One read of the whole file: safetensors 0.8's per-tensor reads (get_tensor, slices, load_file)
     # leak a little memory per tensor, which adds up when adapters are loaded and evicted all day.
@@ -161,7 +149,7 @@ def load_adapter_weights(spec: AdapterSpec, model: ModelConfig) -> dict[tuple[in
         raise AdapterError(spec.weights_file, f"cannot read the tensors: {err}") from err
     for (layer, module), (name_a, name_b) in spec.tensor_names.items():
         r = spec.rank(layer, module)
-        (in_features, out_features) = shapes[module]
+        (in_features, out_features) = arch.shape(module)
         factors = []
         for tensor_name, expected in ((name_a, (r, in_features)), (name_b, (out_features, r))):
             if tensor_name not in tensors:
@@ -216,21 +204,21 @@ def _weights_file(folder: Path) -> Path:
     raise AdapterError(weights_file, "missing weights file adapter_model.safetensors")
 
 
-def _target_pairs(config: dict[str, Any], config_file: Path, model: ModelConfig) -> list[tuple[int, str]]:
+def _target_pairs(config: dict[str, Any], config_file: Path, arch: ArchitectureSpec) -> list[tuple[int, str]]:
     """The (layer, module) pairs the config targets, in canonical order, with PEFT's matching rules."""
     targets = config.get("target_modules")
     if isinstance(targets, str) and targets.strip().lower() == "all-linear":
-        targets = list(MODULE_BLOCKS)
+        targets = list(arch.module_names)
     if isinstance(targets, str):
         _check_target_regex(targets, config_file)
     elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
-        _check_target_names(targets, config_file, model)
+        _check_target_names(targets, config_file, arch)
     else:
         raise AdapterError(config_file, f"target_modules must be a non-empty list of names or a regex string, "
                            f"got {targets!r}")
-    _check_layers(config, config_file, model)
-    pairs = [(layer, module) for layer in range(model.num_layers) for module in model.module_shapes()
-             if _is_targeted(config, targets, module_key(layer, module), config_file)]
+    _check_layers(config, config_file, arch)
+    pairs = [(layer, module) for layer in range(arch.num_layers) for module in arch.module_names
+             if _is_targeted(config, targets, arch.module_path(layer, module), config_file)]
     if not pairs:
         raise AdapterError(config_file, f"target_modules={targets!r} with layers_to_transform="
                            f"{config.get('layers_to_transform')!r} targets no linear layer of the base model")
@@ -248,27 +236,28 @@ def _check_target_regex(pattern: str, config_file: Path) -> None:
                                "LoRA on embeddings/lm_head is not supported")
 
 
-def _check_target_names(targets: list[str], config_file: Path, model: ModelConfig) -> None:
-    known = [module_key(layer, module) for layer in range(model.num_layers) for module in MODULE_BLOCKS]
+def _check_target_names(targets: list[str], config_file: Path, arch: ArchitectureSpec) -> None:
+    known = [arch.module_path(layer, module) for layer in range(arch.num_layers) for module in arch.module_names]
     for target in targets:
         if target.split(".")[-1] in EMBEDDING_MODULES:
             raise AdapterError(config_file, f"target module {target!r}: LoRA on embeddings/lm_head is not supported")
         if any(key == target or key.endswith("." + target) for key in known):
             continue
         layer = LAYER_INDEX.search(target)
-        if layer and int(layer.group(1)) >= model.num_layers:
+        if layer and int(layer.group(1)) >= arch.num_layers:
             raise AdapterError(config_file, f"target module {target!r} is in layer {layer.group(1)}, outside the "
-                               f"base model ({model.num_layers} layers)")
-        raise AdapterError(config_file, f"unknown target module {target!r}; supported: {', '.join(MODULE_BLOCKS)}")
+                               f"base model ({arch.num_layers} layers)")
+        raise AdapterError(config_file, f"unknown target module {target!r}; supported: "
+                           f"{', '.join(arch.module_names)}")
 
 
-def _check_layers(config: dict[str, Any], config_file: Path, model: ModelConfig) -> None:
+def _check_layers(config: dict[str, Any], config_file: Path, arch: ArchitectureSpec) -> None:
     layers = config.get("layers_to_transform")
     layers = [layers] if isinstance(layers, int) else (layers or [])
     for layer in layers:
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < model.num_layers:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < arch.num_layers:
             raise AdapterError(config_file, f"layers_to_transform has layer {layer!r}, outside the base model "
-                               f"({model.num_layers} layers)")
+                               f"({arch.num_layers} layers)")
 
 
 def _is_targeted(config: dict[str, Any], targets: str | list[str], key: str, config_file: Path) -> bool:
@@ -308,6 +297,7 @@ def _is_targeted(config: dict[str, Any], targets: str | list[str], key: str, con
 
 
 def _ranks_and_scalings(config: dict[str, Any], config_file: Path, pairs: list[tuple[int, str]],
+                        arch: ArchitectureSpec,
                         max_rank: int) -> tuple[dict[tuple[int, str], int], dict[tuple[int, str], float]]:
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -316,7 +306,7 @@ def _ranks_and_scalings(config: dict[str, Any], config_file: Path, pairs: list[t
     use_rslora = bool(config.get("use_rslora", False))
     ranks, scalings = {}, {}
     for layer, module in pairs:
-        key = module_key(layer, module)
+        key = arch.module_path(layer, module)
         r = _pattern_value(rank_pattern, key, default_r, "rank_pattern", config_file)
         alpha = _pattern_value(alpha_pattern, key, default_alpha, "alpha_pattern", config_file)
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= max_rank:
@@ -350,14 +340,13 @@ def _open_safetensors(weights_file: Path):
         raise AdapterError(weights_file, f"unreadable safetensors file (corrupt or truncated): {err}") from err
 
 
-def _check_header(weights_file: Path, model: ModelConfig,
+def _check_header(weights_file: Path, arch: ArchitectureSpec,
                   ranks: dict[tuple[int, str], int]) -> dict[tuple[int, str], tuple[str, str]]:
     """Match every tensor of the file to a targeted (layer, module) and check its shape."""
-    shapes = model.module_shapes()
     found: dict[tuple[int, str, str], str] = {}
     with _open_safetensors(weights_file) as f:
         for tensor_name in f.keys():
-            layer, module, factor = _parse_tensor_name(tensor_name, weights_file, model)
+            layer, module, factor = _parse_tensor_name(tensor_name, weights_file, arch)
             if (layer, module) not in ranks:
                 raise AdapterError(weights_file, f"tensor {tensor_name}: layer {layer} {module} is not targeted "
                                    "by adapter_config.json (config and weights disagree)")
@@ -367,7 +356,7 @@ def _check_header(weights_file: Path, model: ModelConfig,
             found[(layer, module, factor)] = tensor_name
             tensor = f.get_slice(tensor_name)
             _check_tensor_shape(weights_file, tensor_name, tensor.get_shape(), tensor.get_dtype(), factor,
-                                shapes[module], ranks[(layer, module)])
+                                arch.shape(module), ranks[(layer, module)])
     names = {}
     for layer, module in ranks:
         for factor in "AB":
@@ -377,7 +366,7 @@ def _check_header(weights_file: Path, model: ModelConfig,
     return names
 
 
-def _parse_tensor_name(tensor_name: str, weights_file: Path, model: ModelConfig) -> tuple[int, str, str]:
+def _parse_tensor_name(tensor_name: str, weights_file: Path, arch: ArchitectureSpec) -> tuple[int, str, str]:
     if tensor_name.endswith(".bias"):
         raise AdapterError(weights_file, f"bias tensor {tensor_name} is not supported (only LoRA A/B weights)")
     if "lora_magnitude_vector" in tensor_name:
@@ -387,13 +376,13 @@ def _parse_tensor_name(tensor_name: str, weights_file: Path, model: ModelConfig)
     match = TENSOR_NAME.match(tensor_name)
     if match is None:
         raise AdapterError(weights_file, f"unrecognised tensor {tensor_name}: expected "
-                           "...layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight")
+                           "...layers.<i>.<block>.<module>.lora_<A|B>.weight")
     layer, block, module = int(match["layer"]), match["block"], match["module"]
-    if MODULE_BLOCKS.get(module) != block:
+    if module not in arch.index or arch.target(module).block != block:
         raise AdapterError(weights_file, f"tensor {tensor_name}: unknown target module {block}.{module}")
-    if layer >= model.num_layers:
+    if layer >= arch.num_layers:
         raise AdapterError(weights_file, f"tensor {tensor_name} is for layer {layer}, outside the base model "
-                           f"({model.num_layers} layers)")
+                           f"({arch.num_layers} layers)")
     return layer, module, match["factor"]
 
 

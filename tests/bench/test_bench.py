@@ -16,9 +16,9 @@ from slora.bench.report import TARGETS
 from slora.bench.systems import SplitPool, split_engine_pool
 from slora.config import EngineConfig, ModelConfig, PoolConfig
 from slora.engine.engine import LLMEngine
-from slora.models.loader import DUMMY_SHAPES
+from slora.models.loader import DUMMY_SHAPES, architecture_spec
 
-TINY = ModelConfig.from_hf({"model_type": "llama", **DUMMY_SHAPES["tiny"]})
+TINY = architecture_spec(ModelConfig.from_hf({"model_type": "llama", **DUMMY_SHAPES["tiny"]}))
 
 
 def test_synthetic_is_reproducible_and_follows_its_parameters():

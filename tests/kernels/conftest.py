@@ -7,7 +7,6 @@ kernel is defined: it is set here, at import, before any test module imports `sl
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -29,16 +28,14 @@ def device() -> torch.device:
 @pytest.fixture(scope="session")
 def model_and_adapters(tmp_path_factory):
     """A tiny random Llama folder and three PEFT adapters of ranks 2, 8, 16 on different modules."""
-    from slora.config import ModelConfig
-    from tests.reference.hf import make_tiny_model
-    from tests.reference.peft import write_lora_folder
+    from slora.fixtures import tiny_model, write_adapter
+    from slora.models.loader import read_architecture
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama", folder)
-    config = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    tiny_model("llama", folder)
+    arch = read_architecture(folder)
     root = tmp_path_factory.mktemp("adapters")
     targets = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]]
-    adapters = {f"r{rank}": str(write_lora_folder(root / f"r{rank}", config.num_layers, config.module_shapes(),
-                                                  rank=rank, targets=targets[i], alpha=16, seed=i))
+    adapters = {f"r{rank}": str(write_adapter(root / f"r{rank}", arch, rank, targets[i], seed=i, alpha=16))
                 for i, rank in enumerate((2, 8, 16))}
     return folder, adapters

@@ -162,7 +162,8 @@ def test_graph_path_keeps_the_chosen_lora_form(model_and_adapters, device):
               num_slots=512, max_num_seqs=4, max_lora_rank=16, cuda_graphs=True, lora_kernel="token")
     assert [o.token_ids for o in llm.generate(PROMPTS[:3], params, NAMES[:3])] == expected
     # (On CUDA the engine also recorded each bucket without LoRA at start-up.)
-    assert {form for _, _, form in llm.engine.graphs._graphs if form is not None} == {"token"}
+    recorded = llm.engine.graphs._graphs.items()
+    assert {static.lora.form for (_, _, lora), (_, static, _) in recorded if lora} == {"token"}
 
 
 def test_graphs_recorded_ahead_serve_every_step(model_and_adapters, device):
@@ -176,10 +177,10 @@ def test_graphs_recorded_ahead_serve_every_step(model_and_adapters, device):
     expected_base = [o.token_ids for o in reference.generate(PROMPTS[:2], base)]
     llm = _llm(model_and_adapters, device, "triton", True)
     graphs = llm.engine.graphs
-    every = {("decode", bucket, form) for bucket in (1, 2, 4, 8) for form in (None, "segment")}
-    every |= {("mixed", size, form) for size in graphs.token_buckets for form in (None, "segment")}
+    every = {("decode", bucket, lora) for bucket in (1, 2, 4, 8) for lora in (False, True)}
+    every |= {("mixed", size, lora) for size in graphs.token_buckets for lora in (False, True)}
     assert set(graphs._graphs) == (every if graphs.capture else set())
-    graphs.record_all(["segment"])
+    graphs.record_all()
     assert set(graphs._graphs) == every
     assert [o.token_ids for o in llm.generate(PROMPTS, params, NAMES)] == expected
     assert [o.token_ids for o in llm.generate(PROMPTS[:2], base)] == expected_base
@@ -197,6 +198,6 @@ def test_every_static_batch_runs_before_any_step(model_and_adapters, device):
               num_slots=512, max_num_seqs=32, max_num_batched_tokens=32, max_lora_rank=16, cuda_graphs=True)
     graphs = llm.engine.graphs
     assert graphs.token_buckets == (16, 32)
-    for form in (None, "segment"):
-        static = graphs._static_batch("mixed", 16, form)
+    for with_lora in (False, True):
+        static = graphs._static_batch("mixed", 16, with_lora)
         assert llm.engine.model(static).shape[0] == static.logits_indices.numel()

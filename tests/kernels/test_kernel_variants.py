@@ -17,7 +17,6 @@ import torch
 
 from slora import LLM, SamplingParams
 from slora.kernels import triton_lora
-from slora.models.llama import projection_inputs
 
 LORA_KERNELS = {"_shrink_segments", "_expand_segments", "_shrink_tokens", "_expand_tokens"}
 
@@ -55,8 +54,9 @@ def test_steps_launch_only_precompiled_variants(model_and_adapters, monkeypatch,
     folder, adapters = model_and_adapters
     llm = LLM(model=str(folder), dtype="float32", backend="triton", adapters=adapters, num_slots=1024,
               max_num_seqs=8, max_num_batched_tokens=48, max_lora_rank=16, cuda_graphs=cuda_graphs)
-    projections = projection_inputs(llm.engine.model_config)
-    assert triton_lora.precompile(llm.engine.pool.layers[0], projections) == 4 * len(projections)
+    arch = llm.engine.arch
+    launches = triton_lora.precompile(llm.engine.pool.layers[0], arch.projections.values(), len(arch.targets))
+    assert launches == 4 * len(arch.projections)
     precompiled = set(keys)
     keys.clear()
     # A long prompt (segments over 16 tokens, split over two steps), short ones, one adapter alone,

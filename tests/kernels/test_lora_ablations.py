@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from slora import LLM, SamplingParams
-from slora.kernels.lora import LoRABatch, TorchLoRA
+from slora.kernels.lora import TorchLoRA, apply_lora
 from slora.kernels.lora_ablations import PaddedBmmLoRA
-from slora.kernels.metadata import Projection
-from tests.kernels.helpers import group_tokens, make_adapters, random_pool
+from tests.kernels.helpers import lora_batch, make_adapters, projections, random_pool
 
 KV_HEADS, HEAD_DIM, NUM_LAYERS = 2, 16, 2
 SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "down_proj": (16, 80)}
-PROJECTIONS = [Projection(("q_proj", "k_proj", "v_proj"), (64, 32, 32)), Projection(("down_proj",), (80,))]
+PROJECTIONS = projections(SHAPES, ("q_proj", "k_proj", "v_proj"), ("down_proj",))
 
 
 @pytest.mark.parametrize("gather", ["token", "adapter"])
@@ -24,18 +23,19 @@ def test_ablation_equals_reference(gather, device):
     pool = random_pool(NUM_LAYERS, 1200, KV_HEADS, HEAD_DIM, torch.float32, device, generator)
     adapters = make_adapters([1, 8, 32, 3], SHAPES, NUM_LAYERS, KV_HEADS * HEAD_DIM, 2400, device, generator)
     token_adapters = [0, 1, 1, None, 2, 3, 1, None, 2]
-    groups = group_tokens(token_adapters, adapters, device)
-    reference = TorchLoRA(pool, groups)
-    ablation = PaddedBmmLoRA(pool, LoRABatch.build(groups, NUM_LAYERS, device), gather)
+    batch = lora_batch(token_adapters, adapters, NUM_LAYERS, device)
+    reference = TorchLoRA(pool, batch)
+    ablation = PaddedBmmLoRA(pool, batch, gather)
     for layer in range(NUM_LAYERS):
         for projection in PROJECTIONS:
             x = torch.randn(len(token_adapters), SHAPES[projection.modules[0]][0], generator=generator).to(device)
             before = torch.randn(len(token_adapters), sum(projection.widths), generator=generator).to(device)
             expected, y = before.clone(), before.clone()
-            reference.add_delta(expected, x, layer, projection)
-            ablation.add_delta(y, x, layer, projection)
+            apply_lora(reference, expected, x, layer, projection)
+            apply_lora(ablation, y, x, layer, projection)
             assert (expected - before).abs().max() > 0.1
-            torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+            # float32, summed in another order (bmm against matmul): within a few ulps of the deltas' size
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("lora_kernel", ["bmm", "padded"])

@@ -13,12 +13,10 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
 def _compare(query_lens, context_lens, num_heads, kv_heads, head_dim=16, dtype=torch.float32, device="cpu",
-             seed=0, num_splits=None, with_table=True):
+             seed=0, num_splits=None):
     generator = torch.Generator().manual_seed(seed)
     pool, meta, q, k, v = random_attention_batch(query_lens, context_lens, num_heads, kv_heads, head_dim, dtype,
                                                  device, generator, spare_slots=37)
-    if not with_table:
-        meta.slot_table = None
     reference_pool, triton_pool = pool.clone(), pool.clone()
     reference = attention.paged_attention(q, k, v, reference_pool, meta)
     out = triton_attention.paged_attention(q, k, v, triton_pool, meta, num_splits=num_splits)
@@ -50,10 +48,6 @@ def test_head_dim_not_a_power_of_two(device):
 def test_half_precision(dtype, device):
     _compare([5, 20], [5, 50], 8, 2, dtype=dtype, device=device)
     _compare([1, 1, 1], [3, 70, 140], 8, 2, dtype=dtype, device=device, num_splits=2)
-
-
-def test_slot_table_built_from_slot_lists_when_missing(device):
-    _compare([3, 1], [8, 12], 4, 2, device=device, with_table=False)
 
 
 @pytest.mark.parametrize("num_splits", [None, 2])

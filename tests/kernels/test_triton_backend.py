@@ -21,7 +21,7 @@ def test_triton_backend_matches_torch_backend(model_and_adapters, device, monkey
             return function(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(triton_lora.TritonLoRA, "add_delta", counted(triton_lora.TritonLoRA.add_delta, "lora"))
+    monkeypatch.setattr(triton_lora.TritonLoRA, "start", counted(triton_lora.TritonLoRA.start, "lora"))
     monkeypatch.setattr(triton_attention, "attend_pool", counted(triton_attention.attend_pool, "attention"))
     # Two prompts share an adapter (a segment of two sequences), one has none, ranks differ.
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18], [19, 20, 21]]

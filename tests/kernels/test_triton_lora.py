@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from slora.kernels import triton_lora
-from slora.kernels.lora import MODULE_INDEX, LoRABatch, TorchLoRA, read_rows
-from slora.kernels.metadata import Projection
+from slora.kernels.lora import LoRABatch, TorchLoRA, apply_lora, read_rows
 from slora.kernels.lora import shrink as reference_shrink
 from slora.kernels.triton_lora import LoRAKernelConfig, TritonLoRA, shrink
-from tests.kernels.helpers import group_tokens, make_adapters, random_pool
+from tests.kernels.helpers import lora_batch, make_adapters, projections, random_pool
 
 KV_HEADS, HEAD_DIM = 2, 16  # kv_dim 32: a pool row
 KV_DIM = KV_HEADS * HEAD_DIM
@@ -22,8 +21,7 @@ POOL_SLOTS = 1800  # the adapters below take ~3,100 of its 3,600 rows, shuffled
 # One chunk, two chunks, three chunks with padding, narrower than a row.
 SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (80, 16), "down_proj": (16, 80)}
 # q/k/v fused as the model runs them (one GEMM, modules of different widths), and modules alone.
-PROJECTIONS = [Projection(("q_proj", "k_proj", "v_proj"), (64, 32, 32)), Projection(("o_proj",), (16,)),
-               Projection(("down_proj",), (80,))]
+PROJECTIONS = projections(SHAPES, ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("down_proj",))
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
@@ -54,17 +52,17 @@ def _run(batch_name: str, form: str, dtype: torch.dtype, device: torch.device, s
     pool = random_pool(NUM_LAYERS, POOL_SLOTS, KV_HEADS, HEAD_DIM, dtype, device, generator)
     adapters = make_adapters(RANKS, SHAPES, NUM_LAYERS, KV_DIM, 2 * POOL_SLOTS, device, generator)
     token_adapters = BATCHES[batch_name]
-    groups = group_tokens(token_adapters, adapters, device)
-    torch_lora = TorchLoRA(pool, groups)
-    triton_lora = TritonLoRA(pool, LoRABatch.build(groups, NUM_LAYERS, device), form=form, config=config)
+    batch = lora_batch(token_adapters, adapters, NUM_LAYERS, device)
+    torch_lora = TorchLoRA(pool, batch)
+    triton_lora = TritonLoRA(pool, batch, form=form, config=config)
     for layer in range(NUM_LAYERS):
         for projection in PROJECTIONS:
             in_features = SHAPES[projection.modules[0]][0]
             x = torch.randn(len(token_adapters), in_features, generator=generator).to(device, dtype)
             before = torch.randn(len(token_adapters), sum(projection.widths), generator=generator).to(device, dtype)
             reference, y = before.clone(), before.clone()
-            torch_lora.add_delta(reference, x, layer, projection)
-            triton_lora.add_delta(y, x, layer, projection)
+            apply_lora(torch_lora, reference, x, layer, projection)
+            apply_lora(triton_lora, y, x, layer, projection)
             _check(y, reference, before, dtype)
             untouched = [t for t, a in enumerate(token_adapters) if a is None]
             assert torch.equal(y[untouched], before[untouched])
@@ -101,7 +99,7 @@ def test_lora_splits_inside_rows_and_past_narrow_modules(device):
 def _segments(lengths: list[int]) -> LoRABatch:
     """A batch of segments of `lengths` tokens (nothing in it but what launch sizes are chosen from)."""
     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.int32)  # noqa: E731
-    modules, width = len(MODULE_INDEX), len(lengths)
+    modules, width = 7, len(lengths)
     starts = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
     return LoRABatch(adapters=[], row_table=zeros(1), a_offsets=zeros(modules, width), b_offsets=zeros(modules, width),
                      ranks=zeros(1, modules, width), scalings=zeros(1, modules, width).float(),
@@ -148,8 +146,7 @@ def test_shrink_equals_reference(form, device):
     generator = torch.Generator().manual_seed(11)
     pool = random_pool(1, POOL_SLOTS, KV_HEADS, HEAD_DIM, torch.float32, device, generator)
     adapters = make_adapters(RANKS, SHAPES, 1, KV_DIM, 2 * POOL_SLOTS, device, generator)
-    groups = group_tokens(BATCHES["mixed"], adapters, device)
-    batch = LoRABatch.build(groups, 1, device)
+    batch = lora_batch(BATCHES["mixed"], adapters, 1, device)
     rows = pool[0].view(-1, KV_DIM)
     x = torch.randn(len(BATCHES["mixed"]), 64, generator=generator).to(device)
     projection = PROJECTIONS[0]
@@ -158,24 +155,23 @@ def test_shrink_equals_reference(form, device):
     for p, module in enumerate(projection.modules):
         v = shrunk.v[p * shrunk.split_k : (p + 1) * shrunk.split_k].sum(0)
         position = 0
-        for group in groups:
-            adapter, rank = group.adapter, group.adapter.layer_ranks.get((0, module), 0)
-            count = group.token_indices.numel()
+        for a in dict.fromkeys(a for a in BATCHES["mixed"] if a is not None):  # segments: in order of first use
+            adapter, tokens = adapters[a], [t for t, b in enumerate(BATCHES["mixed"]) if b == a]
+            rank = adapter.layer_ranks.get((0, module), 0)
             if rank:
                 m = adapter.layout.modules[module]
                 a_ids = adapter.row_table[m.a_start : m.a_start + rank * m.a_chunks]
-                expected = reference_shrink(x[group.token_indices], rows, a_ids, rank, m.a_chunks)
-                torch.testing.assert_close(v[position : position + count, :rank], expected, rtol=1e-5, atol=1e-5)
-            position += count
+                expected = reference_shrink(x[tokens], rows, a_ids, rank, m.a_chunks)
+                torch.testing.assert_close(v[position : position + len(tokens), :rank], expected, rtol=1e-5, atol=1e-5)
+            position += len(tokens)
 
 
 def test_lora_batch_metadata(device):
     """The packed table: row offsets, ranks (0 where an adapter skips a layer), segments."""
     generator = torch.Generator().manual_seed(5)
     adapters = make_adapters([4, 2], SHAPES, NUM_LAYERS, KV_DIM, 400, device, generator)
-    groups = group_tokens([1, 0, 1, None, 0], adapters, device)  # adapter 1 first: order of first use
-    batch = LoRABatch.build(groups, NUM_LAYERS, device)
-    assert batch.adapters == [adapters[1], adapters[0]]
+    batch = lora_batch([1, 0, 1, None, 0], adapters, NUM_LAYERS, device)  # adapter 1 first: order of first use
+    assert batch.adapters == [adapters[1].resident, adapters[0].resident]
     assert batch.segment_starts.tolist() == [0, 2, 4]
     assert batch.token_indices.tolist() == [0, 2, 1, 4]
     assert batch.token_adapters.tolist() == [0, 0, 1, 1]
@@ -183,7 +179,7 @@ def test_lora_batch_metadata(device):
     assert batch.a_offsets[0, 1].item() == adapters[1].layout.num_rows + q.a_start
     assert torch.equal(batch.row_table[adapters[1].layout.num_rows:].long().cpu(), adapters[0].row_table.cpu())
     for layer in range(NUM_LAYERS):
-        for j, adapter in enumerate(batch.adapters):
+        for j, adapter in enumerate([adapters[1], adapters[0]]):
             assert batch.ranks[layer, 0, j].item() == adapter.layer_ranks.get((layer, "q_proj"), 0)
     assert batch.max_segment_len == 2
 

@@ -1,12 +1,12 @@
-"""Fixtures of the LoRA tests: one tiny random Llama and its ModelConfig."""
+"""Fixtures of the LoRA tests: one tiny random Llama and its architecture spec."""
 
 from __future__ import annotations
 
 import pytest
 from transformers import LlamaForCausalLM
 
-from slora.config import ModelConfig
-from tests.reference.peft import make_tiny_llama, model_config_of
+from slora.architecture import ArchitectureSpec
+from tests.reference.peft import arch_of, make_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -15,5 +15,5 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_config(tiny_llama) -> ModelConfig:
-    return model_config_of(tiny_llama)
+def tiny_arch(tiny_llama) -> ArchitectureSpec:
+    return arch_of(tiny_llama)

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slora.lora.adapter import AdapterError, load_adapter_weights, read_adapter
-from tests.reference.peft import make_peft_adapter, make_peft_model, make_tiny_llama, model_config_of
+from slora.models.llama import llama_spec
+from tests.reference.peft import make_peft_adapter, make_peft_model, make_tiny_llama
 
 PEFT_MODULE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)$")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -46,11 +47,11 @@ GOOD_CASES = {
 
 
 @pytest.mark.parametrize("case", GOOD_CASES)
-def test_weights_equal_peft_modules(case, tmp_path, tiny_llama, tiny_model_config):
+def test_weights_equal_peft_modules(case, tmp_path, tiny_llama, tiny_arch):
     peft_model = make_peft_model(tiny_llama, seed=1, **GOOD_CASES[case])
     peft_model.save_pretrained(tmp_path / case)
-    spec = read_adapter(case, tmp_path / case, tiny_model_config)
-    weights = load_adapter_weights(spec, tiny_model_config)
+    spec = read_adapter(case, tmp_path / case, tiny_arch)
+    weights = load_adapter_weights(spec, tiny_arch)
     expected = peft_lora_modules(peft_model)
 
     assert set(weights) == set(expected) == set(spec.pairs)
@@ -68,14 +69,14 @@ def test_weights_equal_peft_modules(case, tmp_path, tiny_llama, tiny_model_confi
     assert spec.path == (tmp_path / case).resolve()
 
 
-def test_spec_summaries(tmp_path, tiny_llama, tiny_model_config):
-    spec = read_adapter("p", make_peft_adapter(tmp_path, "p", tiny_llama, **GOOD_CASES["patterns"]), tiny_model_config)
+def test_spec_summaries(tmp_path, tiny_llama, tiny_arch):
+    spec = read_adapter("p", make_peft_adapter(tmp_path, "p", tiny_llama, **GOOD_CASES["patterns"]), tiny_arch)
     assert spec.ranks == {"q_proj": 8, "k_proj": 4, "v_proj": 4, "o_proj": 4, "gate_proj": 4, "up_proj": 4,
                           "down_proj": 2}
     assert (spec.rank(0, "q_proj"), spec.rank(1, "q_proj")) == (4, 8)
     assert spec.scaling(0, "k_proj") == pytest.approx(3 / 4) and spec.scaling(1, "k_proj") == pytest.approx(2.0)
     assert spec.scaling(1, "up_proj") == pytest.approx(8.0) and spec.max_rank == 8
-    rs = read_adapter("rs", make_peft_adapter(tmp_path, "rs", tiny_llama, **GOOD_CASES["rslora"]), tiny_model_config)
+    rs = read_adapter("rs", make_peft_adapter(tmp_path, "rs", tiny_llama, **GOOD_CASES["rslora"]), tiny_arch)
     assert rs.use_rslora and rs.scalings["q_proj"] == pytest.approx(16 / 8 ** 0.5)
 
 
@@ -116,18 +117,18 @@ def refused(fn, names: Path, *words: str) -> AdapterError:
     return info.value
 
 
-def test_missing_folder(tmp_path, tiny_model_config):
-    refused(lambda: read_adapter("x", tmp_path / "nope", tiny_model_config), tmp_path / "nope", "not found")
+def test_missing_folder(tmp_path, tiny_arch):
+    refused(lambda: read_adapter("x", tmp_path / "nope", tiny_arch), tmp_path / "nope", "not found")
 
 
-def test_missing_config(good, tiny_model_config):
+def test_missing_config(good, tiny_arch):
     (good / "adapter_config.json").unlink()
-    refused(lambda: read_adapter("x", good, tiny_model_config), good / "adapter_config.json", "missing")
+    refused(lambda: read_adapter("x", good, tiny_arch), good / "adapter_config.json", "missing")
 
 
-def test_malformed_json(good, tiny_model_config):
+def test_malformed_json(good, tiny_arch):
     (good / "adapter_config.json").write_text("{ not json")
-    refused(lambda: read_adapter("x", good, tiny_model_config), good / "adapter_config.json", "malformed JSON")
+    refused(lambda: read_adapter("x", good, tiny_arch), good / "adapter_config.json", "malformed JSON")
 
 
 CONFIG_REFUSALS = {
@@ -150,84 +151,84 @@ CONFIG_REFUSALS = {
 
 
 @pytest.mark.parametrize("case", CONFIG_REFUSALS)
-def test_config_refused(case, good, tiny_model_config):
+def test_config_refused(case, good, tiny_arch):
     changes, words = CONFIG_REFUSALS[case]
     edit_config(good, **changes)
-    refused(lambda: read_adapter("x", good, tiny_model_config), good / "adapter_config.json", words)
+    refused(lambda: read_adapter("x", good, tiny_arch), good / "adapter_config.json", words)
 
 
-def test_rank_above_engine_max(good, tiny_model_config):
-    refused(lambda: read_adapter("x", good, tiny_model_config, max_rank=2), good / "adapter_config.json",
+def test_rank_above_engine_max(good, tiny_arch):
+    refused(lambda: read_adapter("x", good, tiny_arch, max_rank=2), good / "adapter_config.json",
             "outside 1..2")
 
 
-def test_missing_weights(good, tiny_model_config):
+def test_missing_weights(good, tiny_arch):
     (good / "adapter_model.safetensors").unlink()
-    refused(lambda: read_adapter("x", good, tiny_model_config), good / "adapter_model.safetensors", "missing")
+    refused(lambda: read_adapter("x", good, tiny_arch), good / "adapter_model.safetensors", "missing")
 
 
-def test_pickle_weights_refused(good, tiny_model_config):
+def test_pickle_weights_refused(good, tiny_arch):
     weights = load_file(good / "adapter_model.safetensors")
     (good / "adapter_model.safetensors").unlink()
     torch.save(weights, good / "adapter_model.bin")
-    refused(lambda: read_adapter("x", good, tiny_model_config), good / "adapter_model.bin", "pickle", "safetensors")
+    refused(lambda: read_adapter("x", good, tiny_arch), good / "adapter_model.bin", "pickle", "safetensors")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_corrupt_safetensors(damage, good, tiny_model_config):
+def test_corrupt_safetensors(damage, good, tiny_arch):
     weights_file = good / "adapter_model.safetensors"
     data = weights_file.read_bytes()
     weights_file.write_bytes(data[: len(data) - 100] if damage == "truncate" else b"\x07" * 64)
-    refused(lambda: read_adapter("x", good, tiny_model_config), weights_file, "corrupt or truncated")
+    refused(lambda: read_adapter("x", good, tiny_arch), weights_file, "corrupt or truncated")
 
 
-def test_adapter_of_another_base_model(tmp_path, tiny_model_config):
+def test_adapter_of_another_base_model(tmp_path, tiny_arch):
     other = make_tiny_llama(hidden_size=96)
     folder = make_peft_adapter(tmp_path, "other", other, r=4, target_modules=["q_proj"])
-    refused(lambda: read_adapter("x", folder, tiny_model_config), folder / "adapter_model.safetensors",
+    refused(lambda: read_adapter("x", folder, tiny_arch), folder / "adapter_model.safetensors",
             "another base model", "in_features=64")
 
 
-def test_adapter_with_more_layers_than_model(good, tiny_model_config):
-    one_layer = dataclasses.replace(tiny_model_config, num_layers=1)
+def test_adapter_with_more_layers_than_model(good, tiny_arch):
+    one_layer = llama_spec(dataclasses.replace(tiny_arch.config, num_layers=1))
     edit_config(good, target_modules=["q_proj", "v_proj", "down_proj"])  # short names: only tensors disagree
     refused(lambda: read_adapter("x", good, one_layer), good / "adapter_model.safetensors", "layer 1", "1 layers")
 
 
-def test_tensor_rank_differs_from_config(good, tiny_model_config):
+def test_tensor_rank_differs_from_config(good, tiny_arch):
     edit_config(good, r=8)
-    refused(lambda: read_adapter("x", good, tiny_model_config), good / "adapter_model.safetensors",
+    refused(lambda: read_adapter("x", good, tiny_arch), good / "adapter_model.safetensors",
             "rank 4", "gives rank 8")
 
 
-def test_lora_a_without_lora_b(good, tiny_model_config):
+def test_lora_a_without_lora_b(good, tiny_arch):
     edit_tensors(good, lambda t: t.pop("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"))
-    refused(lambda: read_adapter("x", good, tiny_model_config), good / "adapter_model.safetensors",
+    refused(lambda: read_adapter("x", good, tiny_arch), good / "adapter_model.safetensors",
             "missing lora_B", "layer 1 down_proj")
 
 
-def test_bias_tensor_in_file(good, tiny_model_config):
+def test_bias_tensor_in_file(good, tiny_arch):
     edit_tensors(good, lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias":
                                            torch.zeros(64)}))
-    refused(lambda: read_adapter("x", good, tiny_model_config), good / "adapter_model.safetensors", "bias tensor")
+    refused(lambda: read_adapter("x", good, tiny_arch), good / "adapter_model.safetensors", "bias tensor")
 
 
-def test_tensor_for_untargeted_or_outside_layer(good, tiny_model_config):
+def test_tensor_for_untargeted_or_outside_layer(good, tiny_arch):
     def move(t):
         t["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 64)
     edit_tensors(good, move)
-    refused(lambda: read_adapter("x", good, tiny_model_config), good / "adapter_model.safetensors",
+    refused(lambda: read_adapter("x", good, tiny_arch), good / "adapter_model.safetensors",
             "layer 9", "outside")
 
 
-def test_nan_values_refused_at_load(good, tiny_model_config):
+def test_nan_values_refused_at_load(good, tiny_arch):
     name = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
 
     def poison(t):
         t[name][3, 1] = float("nan")
     edit_tensors(good, poison)
-    spec = read_adapter("x", good, tiny_model_config)  # header only: still fine
-    refused(lambda: load_adapter_weights(spec, tiny_model_config), good / "adapter_model.safetensors", name, "NaN")
+    spec = read_adapter("x", good, tiny_arch)  # header only: still fine
+    refused(lambda: load_adapter_weights(spec, tiny_arch), good / "adapter_model.safetensors", name, "NaN")
 
 
 @pytest.mark.parametrize("rename", [
@@ -235,38 +236,38 @@ def test_nan_values_refused_at_load(good, tiny_model_config):
     lambda k: k.removeprefix("base_model.model."),  # no PEFT prefix
     lambda k: k.removeprefix("base_model.model.model."),  # bare `layers.N...`
 ])
-def test_tensor_name_variants(rename, good, saved_good, tiny_model_config):
+def test_tensor_name_variants(rename, good, saved_good, tiny_arch):
     def renamed(t):
         items = list(t.items())
         t.clear()
         t.update({rename(k): v for k, v in items})
     edit_tensors(good, renamed)
-    expected = load_adapter_weights(read_adapter("a", saved_good, tiny_model_config), tiny_model_config)
-    weights = load_adapter_weights(read_adapter("b", good, tiny_model_config), tiny_model_config)
+    expected = load_adapter_weights(read_adapter("a", saved_good, tiny_arch), tiny_arch)
+    weights = load_adapter_weights(read_adapter("b", good, tiny_arch), tiny_arch)
     assert weights.keys() == expected.keys()
     for key, w in weights.items():
         assert torch.equal(w.A, expected[key].A) and torch.equal(w.B, expected[key].B)
         assert w.scaling == expected[key].scaling
 
 
-def test_reads_bf16_as_float32(good, tiny_model_config):
+def test_reads_bf16_as_float32(good, tiny_arch):
     edit_tensors(good, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
-    weights = load_adapter_weights(read_adapter("x", good, tiny_model_config), tiny_model_config)
+    weights = load_adapter_weights(read_adapter("x", good, tiny_arch), tiny_arch)
     assert all(w.A.dtype == torch.float32 and w.B.dtype == torch.float32 for w in weights.values())
 
 
-def test_reading_weights_again_and_again_leaves_nothing_behind(good, tiny_model_config):
+def test_reading_weights_again_and_again_leaves_nothing_behind(good, tiny_arch):
     """Evicted adapters are re-read from disk all day: 300 reads must not grow Python's heap. (safetensors
     0.8's per-tensor reads leak two ints per tensor: ~100 KB here, 35 MB in a 30-minute soak.)"""
-    spec = read_adapter("good", good, tiny_model_config)
+    spec = read_adapter("good", good, tiny_arch)
     for _ in range(10):  # first reads fill caches of their own
-        load_adapter_weights(spec, tiny_model_config)
+        load_adapter_weights(spec, tiny_arch)
     gc.collect()
     tracemalloc.start()
     try:
         before, _ = tracemalloc.get_traced_memory()
         for _ in range(300):
-            load_adapter_weights(spec, tiny_model_config)
+            load_adapter_weights(spec, tiny_arch)
         gc.collect()
         after, _ = tracemalloc.get_traced_memory()
     finally:

@@ -49,8 +49,7 @@ def _check_against_peft(llm: LLM, references, prompts, adapters, max_tokens: int
     request_ids = [engine.add_request(p, SamplingParams(max_tokens=1), adapter=a) for p, a in zip(prompts, adapters)]
     scheduled = engine.scheduler.schedule()
     assert len(scheduled) == len(prompts)  # all adapters and base requests in one batch
-    batch, _ = build_forward_batch(scheduled, engine.pool.layers, engine.model_config.head_dim, engine.device,
-                                   engine.residency)
+    batch, _ = build_forward_batch(scheduled, engine.pool.layers, engine.arch, engine.backend, engine.residency)
     logits = engine.model(batch)
     for row, prompt, adapter in zip(logits, prompts, adapters):
         expected = hf_last_logits(references[adapter], prompt)

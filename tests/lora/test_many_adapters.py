@@ -7,9 +7,8 @@ import random
 import pytest
 
 from slora import LLM, SamplingParams
-from slora.config import ModelConfig
 from slora.lora.adapter import AdapterError
-from tests.reference.peft import write_lora_folder
+from slora.fixtures import write_adapter
 
 NUM_ADAPTERS = 2000
 TARGET_SETS = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["down_proj"], ["up_proj", "o_proj"]]
@@ -17,14 +16,11 @@ PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_llama_folder, tmp_path_factory):
-    import json
-
-    config = ModelConfig.from_hf(json.loads((tiny_llama_folder[1] / "config.json").read_text()))
+def adapter_dir(tiny_llama_arch, tmp_path_factory):
     root = tmp_path_factory.mktemp("many")
     for i in range(NUM_ADAPTERS):
-        write_lora_folder(root / f"a{i:04d}", config.num_layers, config.module_shapes(), rank=[1, 2, 4, 8][i % 4],
-                          targets=TARGET_SETS[i % len(TARGET_SETS)], alpha=8, seed=i)
+        write_adapter(root / f"a{i:04d}", tiny_llama_arch, [1, 2, 4, 8][i % 4], TARGET_SETS[i % len(TARGET_SETS)],
+                      seed=i, alpha=8)
     return root
 
 

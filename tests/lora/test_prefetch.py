@@ -3,24 +3,20 @@ no output."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from slora import LLM, SamplingParams
-from slora.config import ModelConfig
-from tests.reference.peft import write_lora_folder
+from slora.fixtures import write_adapter
 
 PARAMS = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16], [17, 18, 19, 20], [21, 22]]
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_llama_folder, tmp_path_factory) -> dict[str, str]:
-    config = ModelConfig.from_hf(json.loads((tiny_llama_folder[1] / "config.json").read_text()))
+def adapters(tiny_llama_arch, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("prefetch")
-    return {f"a{i}": str(write_lora_folder(root / f"a{i}", config.num_layers, config.module_shapes(), rank=4,
-                                           targets=["q_proj", "v_proj", "down_proj"], alpha=8, seed=i))
+    return {f"a{i}": str(write_adapter(root / f"a{i}", tiny_llama_arch, 4, ["q_proj", "v_proj", "down_proj"], seed=i,
+                                       alpha=8))
             for i in range(len(PROMPTS))}
 
 

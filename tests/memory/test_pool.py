@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from slora import LLM, SamplingParams
 from slora.config import ModelConfig, PoolConfig
 from slora.memory.pool import PoolExhausted, UnifiedPool, parse_memory
-from tests.reference.peft import write_lora_folder
+from slora.fixtures import write_adapter
 
 TINY = ModelConfig("llama", 64, 64, 128, 2, 4, 2, 16, 256)
 
@@ -44,11 +43,10 @@ def test_sizing_from_bytes_and_fractions():
         parse_memory("lots")
 
 
-def test_adapter_rows_scale_with_rank_and_every_slot_comes_back(tiny_llama_folder, tmp_path):
-    config = ModelConfig.from_hf(json.loads((tiny_llama_folder[1] / "config.json").read_text()))
+def test_adapter_rows_scale_with_rank_and_every_slot_comes_back(tiny_llama_folder, tiny_llama_arch, tmp_path):
     ranks = [1, 2, 4, 8, 16]
-    adapters = {f"r{r}": str(write_lora_folder(tmp_path / f"r{r}", config.num_layers, config.module_shapes(), r,
-                                               ["q_proj", "k_proj", "v_proj", "o_proj"], 8, r)) for r in ranks}
+    adapters = {f"r{r}": str(write_adapter(tmp_path / f"r{r}", tiny_llama_arch, r, ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                           seed=r, alpha=8)) for r in ranks}
     llm = LLM(model=str(tiny_llama_folder[1]), adapters=adapters, num_slots=2000)
     engine = llm.engine
     slots = [engine.residency.slots_needed(f"r{r}") for r in ranks]

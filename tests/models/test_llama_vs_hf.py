@@ -9,7 +9,8 @@ import torch
 
 from slora import LLM, SamplingParams
 from slora.engine.batch import build_forward_batch
-from tests.reference.hf import hf_greedy, hf_last_logits, make_tiny_model
+from slora.fixtures import tiny_model
+from tests.reference.hf import hf_greedy, hf_last_logits
 
 LENGTHS = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 120, 150, 200, 233, 270, 300]
 
@@ -22,7 +23,7 @@ def _prompts(vocab: int, seed: int = 1) -> list[list[int]]:
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def tiny(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
-    return request.param, make_tiny_model(request.param, folder), folder
+    return request.param, tiny_model(request.param, folder), folder
 
 
 def test_batched_greedy_tokens_equal_transformers(tiny):
@@ -43,7 +44,7 @@ def test_last_position_logits_match_transformers(tiny):
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
     scheduled = engine.scheduler.schedule()
     assert len(scheduled) == len(prompts)  # one batch, every prompt prefilled together
-    batch, sampling = build_forward_batch(scheduled, engine.pool.layers, engine.model_config.head_dim, engine.device)
+    batch, sampling = build_forward_batch(scheduled, engine.pool.layers, engine.arch, engine.backend)
     logits = engine.model(batch)
     assert sampling == list(range(len(prompts)))
     for row, prompt in zip(logits, prompts):

@@ -1,91 +1,62 @@
-"""Adapter folders for the reliability tests: good ones in PEFT's on-disk format (written directly,
-fast enough for hundreds), and a catalogue of bad ones, each with the words its refusal must say."""
+"""A catalogue of bad adapter folders for the reliability tests, each with the words its refusal must say
+(good ones come from `slora.fixtures.write_adapter`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from slora.config import ModelConfig
-
-BLOCKS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-def adapter_tensors(model: ModelConfig, rank: int, targets: tuple[str, ...], seed: int,
-                    shapes: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    shapes = shapes or model.module_shapes()
-    tensors = {}
-    for layer in range(model.num_layers):
-        for module in targets:
-            in_features, out_features = shapes[module]
-            prefix = f"base_model.model.model.layers.{layer}.{BLOCKS[module]}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.2
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.2
-    return tensors
-
-
-def write_adapter(folder: Path, model: ModelConfig, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"),
-                  seed: int = 0, config: dict | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
-                "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False, "use_dora": False}
-    (folder / "adapter_config.json").write_text(json.dumps(settings | (config or {})))
-    save_file(tensors if tensors is not None else adapter_tensors(model, rank, targets, seed),
-              folder / "adapter_model.safetensors")
-    return folder
+from slora.architecture import ArchitectureSpec
+from slora.fixtures import adapter_tensors, write_adapter
 
 
 # --- the bad ones: name -> (make(folder, model, outside), words the refusal must contain) ------------
-def _truncated(folder: Path, model: ModelConfig, outside: Path) -> None:
+def _truncated(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
     weights = write_adapter(folder, model) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
-def _corrupt_header(folder: Path, model: ModelConfig, outside: Path) -> None:
+def _corrupt_header(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
     weights = write_adapter(folder, model) / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[8:40] = b"\xff" * 32
     weights.write_bytes(bytes(data))
 
 
-def _empty_weights(folder: Path, model: ModelConfig, outside: Path) -> None:
+def _empty_weights(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
     (write_adapter(folder, model) / "adapter_model.safetensors").write_bytes(b"")
 
 
-def _no_config(folder: Path, model: ModelConfig, outside: Path) -> None:
+def _no_config(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
     (write_adapter(folder, model) / "adapter_config.json").unlink()
 
 
-def _config_text(text: str) -> Callable[[Path, ModelConfig, Path], None]:
-    def make(folder: Path, model: ModelConfig, outside: Path) -> None:
+def _config_text(text: str) -> Callable[[Path, ArchitectureSpec, Path], None]:
+    def make(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
         (write_adapter(folder, model) / "adapter_config.json").write_text(text)
 
     return make
 
 
-def _with_config(**changes) -> Callable[[Path, ModelConfig, Path], None]:
+def _with_config(**changes) -> Callable[[Path, ArchitectureSpec, Path], None]:
     return lambda folder, model, outside: write_adapter(folder, model, config=changes)
 
 
-def _rank_mismatch(folder: Path, model: ModelConfig, outside: Path) -> None:
-    write_adapter(folder, model, config={"r": 8}, tensors=adapter_tensors(model, 4, ("q_proj", "v_proj"), 0))
+def _rank_mismatch(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
+    write_adapter(folder, model, config={"r": 8}, tensors=adapter_tensors(model, 4, ("q_proj", "v_proj")))
 
 
-def _other_base_model(folder: Path, model: ModelConfig, outside: Path) -> None:
-    wider = {m: (2 * i, 2 * o) for m, (i, o) in model.module_shapes().items()}
-    write_adapter(folder, model, tensors=adapter_tensors(model, 4, ("q_proj", "v_proj"), 0, wider))
+def _other_base_model(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
+    wider = {m: (2 * model.shape(m)[0], 2 * model.shape(m)[1]) for m in model.module_names}
+    write_adapter(folder, model, tensors=adapter_tensors(model, 4, ("q_proj", "v_proj"), shapes=wider))
 
 
-def _bad_value(value: float) -> Callable[[Path, ModelConfig, Path], None]:
-    def make(folder: Path, model: ModelConfig, outside: Path) -> None:
-        tensors = adapter_tensors(model, 4, ("q_proj", "v_proj"), 0)
+def _bad_value(value: float) -> Callable[[Path, ArchitectureSpec, Path], None]:
+    def make(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
+        tensors = adapter_tensors(model, 4, ("q_proj", "v_proj"))
         name = sorted(tensors)[-1]  # the last tensor read: every other one is fine
         tensors[name][0, 0] = value
         write_adapter(folder, model, tensors=tensors)
@@ -93,42 +64,43 @@ def _bad_value(value: float) -> Callable[[Path, ModelConfig, Path], None]:
     return make
 
 
-def _dora_tensor(folder: Path, model: ModelConfig, outside: Path) -> None:
-    tensors = adapter_tensors(model, 4, ("q_proj", "v_proj"), 0)
-    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight"] = torch.ones(model.q_dim)
+def _dora_tensor(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
+    tensors = adapter_tensors(model, 4, ("q_proj", "v_proj"))
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight"] = \
+        torch.ones(model.config.q_dim)
     write_adapter(folder, model, tensors=tensors)
 
 
-def _linked_weights(folder: Path, model: ModelConfig, outside: Path) -> None:
+def _linked_weights(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
     write_adapter(outside / folder.name, model)
     write_adapter(folder, model)
     (folder / "adapter_model.safetensors").unlink()
     (folder / "adapter_model.safetensors").symlink_to(outside / folder.name / "adapter_model.safetensors")
 
 
-def _linked_folder(folder: Path, model: ModelConfig, outside: Path) -> None:
+def _linked_folder(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
     write_adapter(outside / folder.name, model)
     folder.symlink_to(outside / folder.name, target_is_directory=True)
 
 
-def _ten_thousand_files(folder: Path, model: ModelConfig, outside: Path) -> None:
+def _ten_thousand_files(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
     write_adapter(folder, model)
     for i in range(10_000):
         (folder / f"f{i:05d}").touch()
 
 
-def _fifo_weights(folder: Path, model: ModelConfig, outside: Path) -> None:
+def _fifo_weights(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
     write_adapter(folder, model)
     (folder / "adapter_model.safetensors").unlink()
     os.mkfifo(folder / "adapter_model.safetensors")  # reading it would block forever
 
 
-def _pickle_only(folder: Path, model: ModelConfig, outside: Path) -> None:
+def _pickle_only(folder: Path, model: ArchitectureSpec, outside: Path) -> None:
     write_adapter(folder, model)
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
 
 
-BAD_ADAPTERS: dict[str, tuple[Callable[[Path, ModelConfig, Path], None], str]] = {
+BAD_ADAPTERS: dict[str, tuple[Callable[[Path, ArchitectureSpec, Path], None], str]] = {
     "truncated": (_truncated, "truncated"),
     "corrupt-header": (_corrupt_header, "corrupt"),
     "empty-weights": (_empty_weights, "unreadable safetensors"),
@@ -153,7 +125,7 @@ BAD_ADAPTERS: dict[str, tuple[Callable[[Path, ModelConfig, Path], None], str]] =
 CONFINEMENT_ONLY = ("weights-link-outside", "folder-link-outside")
 
 
-def make_bad_adapters(root: Path, model: ModelConfig, outside: Path) -> dict[str, Path]:
+def make_bad_adapters(root: Path, model: ArchitectureSpec, outside: Path) -> dict[str, Path]:
     folders = {}
     for name, (make, _) in BAD_ADAPTERS.items():
         make(root / f"bad-{name}", model, outside)

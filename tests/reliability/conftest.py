@@ -12,9 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from slora.config import EngineConfig, LoRAConfig, ModelConfig, PoolConfig, SchedulerConfig
+from slora.architecture import ArchitectureSpec
+from slora.config import EngineConfig, LoRAConfig, PoolConfig, SchedulerConfig
+from slora.fixtures import write_adapter
+from slora.models.loader import read_architecture
 from slora.server.app import ServerOptions, build_app
-from tests.reliability.adapters import make_bad_adapters, write_adapter
+from tests.reliability.adapters import make_bad_adapters
 from tests.server.conftest import RunningServer, chat_model  # noqa: F401 - the shared tiny model
 
 NUM_GOOD = 4
@@ -31,12 +34,12 @@ def good_adapters(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def model_config(chat_model) -> ModelConfig:  # noqa: F811
-    return ModelConfig.from_hf(chat_model[0].config.to_dict())
+def chat_arch(chat_model) -> ArchitectureSpec:  # noqa: F811
+    return read_architecture(chat_model[1])
 
 
 @pytest.fixture(scope="session")
-def reliability_root(model_config, tmp_path_factory) -> Path:
+def reliability_root(chat_arch, tmp_path_factory) -> Path:
     """root/: r00..r03 (served), churn (loaded at run time), bad-* (every bad kind); outside/: what
     the links of the bad ones lead to."""
     base = tmp_path_factory.mktemp("reliability")
@@ -44,10 +47,10 @@ def reliability_root(model_config, tmp_path_factory) -> Path:
     root.mkdir()
     outside.mkdir()
     for i in range(NUM_GOOD):
-        write_adapter(root / f"r{i:02d}", model_config, rank=(4, 8)[i % 2], seed=i + 1,
+        write_adapter(root / f"r{i:02d}", chat_arch, rank=(4, 8)[i % 2], seed=i + 1,
                       targets=(("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"))[i % 2])
-    write_adapter(root / "churn", model_config, rank=8, seed=99, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    make_bad_adapters(root, model_config, outside)
+    write_adapter(root / "churn", chat_arch, rank=8, seed=99, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    make_bad_adapters(root, chat_arch, outside)
     return root
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from slora.cli import main as slora_main
 from slora.server.app import ServerOptions, build_app
-from tests.reliability.adapters import BAD_ADAPTERS, CONFINEMENT_ONLY, write_adapter
+from slora.fixtures import write_adapter
+from tests.reliability.adapters import BAD_ADAPTERS, CONFINEMENT_ONLY
 from tests.reliability.conftest import assert_still_correct, engine_config, serving, state, wait_idle
 
 
@@ -55,9 +56,9 @@ def test_a_bad_adapter_given_at_start_up_stops_the_start_naming_the_file(chat_mo
 
 
 @pytest.mark.parametrize("kind", ["folder-link-outside", "weights-link-outside", "10000-files", "nan"])
-def test_a_bad_adapter_inside_lora_dir_stops_the_start(chat_model, reliability_root, model_config, tmp_path, kind):
+def test_a_bad_adapter_inside_lora_dir_stops_the_start(chat_model, reliability_root, chat_arch, tmp_path, kind):
     lora_dir = tmp_path / "lora-dir"
-    write_adapter(lora_dir / "good", model_config)
+    write_adapter(lora_dir / "good", chat_arch)
     source = reliability_root / f"bad-{kind}"
     if source.is_symlink():
         (lora_dir / "bad").symlink_to(source.resolve(), target_is_directory=True)

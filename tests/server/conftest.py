@@ -11,13 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import uvicorn
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from slora import LLM
 from slora.config import EngineConfig, LoRAConfig, PoolConfig, SchedulerConfig
-from slora.models.loader import default_model_path, gguf_to_hf_folder
+from slora.fixtures import tiny_chat_model
 from slora.server.app import ServerOptions, build_app
 from tests.reference.peft import make_peft_adapter
 
@@ -53,16 +51,7 @@ class RunningServer:
 def chat_model(tmp_path_factory):
     """(HF model, folder): a tiny random Llama with SmolLM2's tokenizer and chat template."""
     folder = tmp_path_factory.mktemp("tiny-chat-llama")
-    tokenizer_folder = gguf_to_hf_folder(default_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         initializer_range=0.2, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model = tiny_chat_model(folder)
     return model, folder
 
 
